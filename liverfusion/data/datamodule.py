@@ -1,0 +1,255 @@
+"""LightningDataModules: the shared base scans a layout, checks and splits it by patient, caches preprocessing,
+and serves cases; the classification and MDA (pre-training) modules only add their datasets and loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from liverfusion.data.cache import CachedCase, PreprocessedCache
+from liverfusion.data.case import Case
+from liverfusion.data.datasets import CaseDataset
+from liverfusion.data.layouts.base import Layout
+from liverfusion.data.preprocess import PreprocessConfig
+from liverfusion.data.splits import Splits, check_cases_against_splits, make_splits, splits_from_case_lists
+from liverfusion.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def _to_plain(obj: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, DictConfig | ListConfig):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
+class MultiModalDataModule(L.LightningDataModule):
+    """Base data module.
+
+    Args:
+        layout: a :class:`Layout` (Hydra instantiates it from ``data.layout``).
+        preprocess: :class:`PreprocessConfig` fields.
+        split: ``n_folds``, ``test_fraction``, ``seed``, ``stratify``; ``file`` (reuse a saved split);
+            ``release_folds`` (LLD-MMRI ``train_foldK``/``val_foldK`` lists); ``save_to`` (where to write it).
+        fold: which fold this run uses.
+        label_fraction: share of the training patients whose labels are kept (label-efficiency studies); the rest
+            of the training patients still serve pre-training.
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        preprocess: Mapping[str, Any] | PreprocessConfig | None = None,
+        split: Mapping[str, Any] | None = None,
+        fold: int = 0,
+        cache_dir: str | Path = ".cache/liverfusion",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        prep_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        in_memory: bool = True,
+        label_fraction: float = 1.0,
+        progress: bool = True,
+    ):
+        super().__init__()
+        self.layout = layout
+        pre = _to_plain(preprocess) or {}
+        self.preprocess = pre if isinstance(pre, PreprocessConfig) else PreprocessConfig(**pre)
+        self.split_cfg = {"n_folds": 5, "test_fraction": 0.2, "seed": 0, "stratify": True, "file": None,
+                          "release_folds": False, "save_to": None, **(_to_plain(split) or {})}
+        self.fold = int(fold)
+        self.cache_dir = Path(cache_dir)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.prep_workers = int(prep_workers)
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.in_memory = in_memory
+        if not 0 < label_fraction <= 1:
+            raise ConfigError(f"label_fraction must be in (0, 1], got {label_fraction}")
+        self.label_fraction = float(label_fraction)
+        self.progress = progress
+        self.cases: list[Case] = []
+        self.entries: dict[str, CachedCase] = {}
+        self.splits: Splits | None = None
+        self.partition: dict[str, list[str]] = {}
+
+    # ---- facts other parts need (the classifier's checkpoint metadata, the encoder export) ----
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.layout.modalities)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.layout.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.layout.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.preprocess.shape)
+
+    def data_spec(self) -> dict[str, Any]:
+        """What a downstream model must agree with: layout, modalities, classes, preprocessing."""
+        return {
+            "dataset": self.layout.name,
+            "layout": self.layout.describe(),
+            "modalities": self.modalities,
+            "class_names": self.class_names,
+            "input_shape": list(self.input_shape),
+            "preprocess": self.preprocess.as_dict(),
+        }
+
+    # ---- Lightning hooks ----
+    def _cache(self) -> PreprocessedCache:
+        return PreprocessedCache(self.cache_dir, self.layout.name, self.modalities, self.preprocess)
+
+    def prepare_data(self) -> None:
+        """Rank 0 decodes and caches every case once."""
+        self._cache().build(self.layout.scan(), workers=self.prep_workers, progress=self.progress)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.entries:
+            return
+        self.cases = self.layout.scan()
+        for case_id, why in self.layout.skipped:
+            log.warning("case %s left out: %s", case_id, why)
+        cached = self._cache().build(self.cases, workers=self.prep_workers, progress=self.progress)
+        self.entries = {e.case_id: e for e in cached}
+        self.splits = self._make_splits()
+        part = self.splits.partition(self.fold)
+        check_cases_against_splits(self.cases, part)
+        part["unlabelled"] = list(self.splits.unlabelled)
+        self.partition = part
+        if self.split_cfg.get("save_to"):
+            self.splits.save(self.split_cfg["save_to"])
+
+    def _make_splits(self) -> Splits:
+        cfg = self.split_cfg
+        if cfg.get("file"):
+            return Splits.load(cfg["file"])
+        if cfg.get("release_folds"):
+            from liverfusion.data.layouts.lldmmri import read_label_lines
+
+            if not hasattr(self.layout, "fold_file"):
+                raise ConfigError("split.release_folds needs a layout with fold files (LLD-MMRI)")
+            n = int(cfg["n_folds"])
+            train = [[c for c, _ in read_label_lines(self.layout.fold_file("train", k))] for k in range(n)]
+            val = [[c for c, _ in read_label_lines(self.layout.fold_file("val", k))] for k in range(n)]
+            return splits_from_case_lists(self.cases, train, val, seed=int(cfg["seed"]))
+        return make_splits(self.cases, n_folds=int(cfg["n_folds"]), test_fraction=float(cfg["test_fraction"]),
+                           seed=int(cfg["seed"]), stratify=bool(cfg["stratify"]))
+
+    # ---- case selection ----
+    def part_entries(self, part: str, labelled_only: bool = False) -> list[CachedCase]:
+        if not self.partition:
+            raise RuntimeError("call setup() first")
+        patients = set(self.partition[part])
+        chosen = [e for e in self.entries.values() if e.patient_id in patients]
+        if part == "train" and self.label_fraction < 1.0:
+            chosen = self._subsample_labels(chosen)
+        if labelled_only:
+            chosen = [e for e in chosen if e.label is not None]
+        return sorted(chosen, key=lambda e: e.case_id)
+
+    def _subsample_labels(self, entries: list[CachedCase]) -> list[CachedCase]:
+        """Keep labels of a stratified ``label_fraction`` of training patients; the others become unlabelled."""
+        from liverfusion.data.splits import patient_labels
+
+        cases = [c for c in self.cases if c.case_id in {e.case_id for e in entries}]
+        plabels = patient_labels(cases)
+        g = torch.Generator().manual_seed(int(self.split_cfg["seed"]) + 7919 * (self.fold + 1))
+        keep: set[str] = set()
+        for cls in sorted({y for y in plabels.values() if y is not None}):
+            members = sorted(p for p, y in plabels.items() if y == cls)
+            n = max(1, round(self.label_fraction * len(members)))
+            order = torch.randperm(len(members), generator=g).tolist()
+            keep |= {members[i] for i in order[:n]}
+        out = []
+        for e in entries:
+            if e.patient_id in keep or e.label is None:
+                out.append(e)
+            else:
+                out.append(CachedCase(e.case_id, e.patient_id, None, e.present, e.path, e.meta))
+        return out
+
+    def _loader(self, dataset, shuffle: bool, drop_last: bool = False, sampler=None, batch_size=None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            drop_last=drop_last,
+        )
+
+
+class ClassificationDataModule(MultiModalDataModule):
+    """Labelled cases of each split; ``train_transform`` augments the whole modality stack of a case."""
+
+    def __init__(self, *args: Any, train_transform: Any = None, balanced_sampler: bool = False,
+                 drop_last: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.train_transform = train_transform
+        self.balanced_sampler = balanced_sampler
+        self.drop_last = drop_last
+
+    def dataset(self, part: str, train: bool = False) -> CaseDataset:
+        entries = self.part_entries(part, labelled_only=True)
+        if not entries:
+            raise DataError(f"split {part!r} of fold {self.fold} has no labelled cases")
+        return CaseDataset(entries, transform=self.train_transform if train else None, in_memory=self.in_memory)
+
+    def class_counts(self) -> list[int]:
+        counts = [0] * self.num_classes
+        for e in self.part_entries("train", labelled_only=True):
+            counts[e.label] += 1
+        return counts
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train", train=True)
+        sampler = None
+        if self.balanced_sampler:
+            counts = self.class_counts()
+            weights = [1.0 / counts[e.label] for e in ds.entries]
+            sampler = WeightedRandomSampler(weights, num_samples=len(ds), replacement=True)
+        return self._loader(ds, shuffle=True, drop_last=self.drop_last, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), shuffle=False, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), shuffle=False, batch_size=self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+def summarize_entries(entries: Sequence[CachedCase], class_names: Sequence[str]) -> dict[str, Any]:
+    counts = [0] * len(class_names)
+    unlabelled = 0
+    for e in entries:
+        if e.label is None:
+            unlabelled += 1
+        else:
+            counts[e.label] += 1
+    return {"cases": len(entries), "patients": len({e.patient_id for e in entries}),
+            "per_class": dict(zip(class_names, counts)), "unlabelled": unlabelled}

@@ -1,0 +1,88 @@
+"""Deterministic per-volume preprocessing (resample/resize, crop/pad, per-modality normalisation), with MONAI.
+
+Spacing-aware by default: resample to ``target_spacing`` (mm, D x H x W), then centre crop / pad to ``shape``.
+``mode="resize"`` resizes straight to ``shape`` for data whose spacing means nothing (LLD-MMRI crops, LGG's nominal
+spacing). The result is what the cache stores; random augmentation happens later, per view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import NormalizeIntensity, Resize, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles, Spacing
+
+from liverfusion.data.io import Volume
+from liverfusion.errors import ConfigError
+
+MODES = ("spacing", "resize")
+NORMALISATIONS = ("zscore", "minmax", "percentile", "none")
+
+
+@dataclass
+class PreprocessConfig:
+    shape: Sequence[int] = (16, 64, 64)
+    mode: str = "resize"
+    target_spacing: Sequence[float] | None = None
+    normalize: str = "percentile"
+    percentiles: Sequence[float] = (0.5, 99.5)
+    nonzero: bool = False
+    interpolation: str = "trilinear"
+    require_same_grid: bool = False
+    cache_dtype: str = "float16"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ConfigError(f"preprocess.shape must be 3 positive ints (D, H, W), got {self.shape}")
+        if self.mode not in MODES:
+            raise ConfigError(f"preprocess.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "spacing":
+            if self.target_spacing is None or len(self.target_spacing) != 3:
+                raise ConfigError("preprocess.mode=spacing needs target_spacing: [sD, sH, sW] in mm")
+            self.target_spacing = tuple(float(s) for s in self.target_spacing)
+        if self.normalize not in NORMALISATIONS:
+            raise ConfigError(f"preprocess.normalize must be one of {NORMALISATIONS}, got {self.normalize!r}")
+        if self.cache_dtype not in ("float16", "float32"):
+            raise ConfigError("preprocess.cache_dtype must be float16 or float32")
+        self.percentiles = tuple(float(p) for p in self.percentiles)
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+class Preprocessor:
+    """Callable turning one decoded :class:`Volume` into a normalised (D, H, W) float32 array of ``cfg.shape``."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        self.cfg = cfg
+        mode = "trilinear" if cfg.interpolation == "trilinear" else cfg.interpolation
+        if cfg.mode == "spacing":
+            self.resample = Spacing(pixdim=cfg.target_spacing, mode="bilinear" if mode == "trilinear" else mode)
+            self.fit = ResizeWithPadOrCrop(spatial_size=cfg.shape, mode="constant")
+        else:
+            self.resample = None
+            self.fit = Resize(spatial_size=cfg.shape, mode=mode, anti_aliasing=False)
+        if cfg.normalize == "zscore":
+            self.norm = NormalizeIntensity(nonzero=cfg.nonzero)
+        elif cfg.normalize == "percentile":
+            lo, hi = cfg.percentiles
+            self.norm = ScaleIntensityRangePercentiles(lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True)
+        elif cfg.normalize == "minmax":
+            self.norm = ScaleIntensityRangePercentiles(lower=0, upper=100, b_min=0.0, b_max=1.0, clip=True)
+        else:
+            self.norm = None
+
+    def __call__(self, vol: Volume) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(vol.array, dtype=np.float32))[None]
+        if self.resample is not None:
+            affine = torch.diag(torch.tensor([*vol.spacing, 1.0], dtype=torch.float64))
+            x = self.resample(MetaTensor(x, affine=affine))
+        if self.norm is not None:  # normalise on the native grid, before padding adds constant voxels
+            x = self.norm(x)
+        x = self.fit(x)
+        return np.asarray(torch.as_tensor(x).float().numpy()[0], dtype=np.float32)

@@ -1,0 +1,95 @@
+"""The one training entry point: ``python -m liverfusion.train +experiment=simsiam_pretrain``.
+
+``train(cfg)`` is a plain function (tests and sweeps call it); ``main`` is only the ``@hydra.main`` wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from liverfusion.utils.hydra_utils import (
+    apply_extras,
+    close_loggers,
+    instantiate_group,
+    save_resolved_config,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    try:
+        out = cfg.paths.output_dir
+    except Exception:  # ${hydra:...} outside a Hydra run: compose-API callers set paths.output_dir themselves
+        out = None
+    if out is None:
+        out = HydraConfig.get().runtime.output_dir
+    return Path(out)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Instantiate data, model, callbacks, loggers and trainer from ``_target_`` configs; fit; optionally test.
+
+    Returns the metrics (floats) and the objects, and always closes the loggers.
+    """
+    output_dir = _output_dir(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    apply_extras(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    save_resolved_config(cfg, output_dir)
+
+    try:
+        log.info("data <%s>", cfg.data._target_)
+        datamodule = instantiate(cfg.data)
+        log.info("model <%s>", cfg.model._target_)
+        model = instantiate(cfg.model, data_spec=datamodule.data_spec())
+        callbacks = instantiate_group(cfg.get("callbacks"))
+        loggers = instantiate_group(cfg.get("logger"))
+        for lg in loggers:
+            if hasattr(lg, "log_hyperparams"):
+                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
+                   "output_dir": output_dir}
+
+        if cfg.get("train", True):
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if cfg.get("test"):
+            ckpt = "best" if cfg.get("train", True) and _has_best(trainer) else cfg.get("ckpt_path")
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    finally:
+        close_loggers()
+    return metrics, objects
+
+
+def _has_best(trainer: L.Trainer) -> bool:
+    cb = trainer.checkpoint_callback
+    return bool(cb is not None and getattr(cb, "best_model_path", ""))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with open_dict(cfg):
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    metrics, _ = train(cfg)
+    name = cfg.get("optimized_metric")
+    if name:
+        if name not in metrics:
+            raise KeyError(f"optimized_metric {name!r} was not logged; logged: {sorted(metrics)}")
+        return metrics[name]
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Hydra glue shared by the entry points: config path, resolvers, instantiation of callback/logger groups."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from liverfusion.utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+"""conf/ ships inside the package, so it is found from any working directory and from a regular install."""
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("len"):
+        OmegaConf.register_new_resolver("len", lambda x: len(x))
+    if not OmegaConf.has_resolver("eval"):
+        OmegaConf.register_new_resolver("eval", eval)
+
+
+register_resolvers()
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a callbacks/loggers group (a dict of named configs)."""
+    out: list[Any] = []
+    if not cfg:
+        return out
+    for name, sub in cfg.items():
+        if isinstance(sub, DictConfig) and "_target_" in sub:
+            log.debug("instantiating %s <%s>", name, sub._target_)
+            out.append(instantiate(sub))
+    return out
+
+
+def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
+    """The fully resolved config beside the run's outputs: the run is reproducible from it + its seed."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    return atomic_write_text(Path(output_dir) / "config_resolved.yaml", text)
+
+
+def apply_extras(cfg: DictConfig) -> None:
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(extras.torch_threads))
+    if extras.get("matmul_precision"):
+        import torch
+
+        torch.set_float32_matmul_precision(str(extras.matmul_precision))
+    if extras.get("print_config") and os.environ.get("LOCAL_RANK", "0") == "0":
+        print_config_tree(cfg)
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    from rich import print as rprint
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key in cfg:
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+        tree.add(str(key)).add(Syntax(text, "yaml"))
+    rprint(tree)
+
+
+def close_loggers() -> None:
+    """Finish the W&B run of this job, so each multirun job gets its own run."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except ImportError:  # pragma: no cover
+        pass
