@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,10 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from liverfusion.errors import LiverfusionError
 from liverfusion.utils.hydra_utils import (
     apply_extras,
     close_loggers,
@@ -54,12 +57,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         model = instantiate(cfg.model, data_spec=datamodule.data_spec())
         callbacks = instantiate_group(cfg.get("callbacks"))
         loggers = instantiate_group(cfg.get("logger"))
+        if not loggers:  # nothing to log lr into (logger=none, debug=fast)
+            callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
         for lg in loggers:
             if hasattr(lg, "log_hyperparams"):
                 lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
-                   "output_dir": output_dir}
+        objects = {
+            "cfg": cfg,
+            "datamodule": datamodule,
+            "model": model,
+            "trainer": trainer,
+            "output_dir": output_dir,
+        }
 
         if cfg.get("train", True):
             trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -82,7 +92,12 @@ def _has_best(trainer: L.Trainer) -> bool:
 def main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    metrics, _ = train(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except LiverfusionError as err:  # the user's data or config: say what and where, no torch stack trace
+        log.error("%s: %s", type(err).__name__, err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     name = cfg.get("optimized_metric")
     if name:
         if name not in metrics:

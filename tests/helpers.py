@@ -11,8 +11,15 @@ from liverfusion.data.io import save_volume
 PHASES = ["T2WI", "DWI", "C+A"]
 
 
-def write_lld_like(root: Path, n_patients: int = 12, n_classes: int = 3, phases=PHASES, shape=(6, 16, 16),
-                   second_lesion_every: int = 4, seed: int = 0) -> Path:
+def write_lld_like(
+    root: Path,
+    n_patients: int = 12,
+    n_classes: int = 3,
+    phases=PHASES,
+    shape=(6, 16, 16),
+    second_lesion_every: int = 4,
+    seed: int = 0,
+) -> Path:
     """An LLD-MMRI-layout data set whose class shows as a bright blob in one phase per class."""
     rng = np.random.default_rng(seed)
     lines = []
@@ -24,7 +31,9 @@ def write_lld_like(root: Path, n_patients: int = 12, n_classes: int = 3, phases=
                 a = rng.normal(100, 10, size=shape).astype(np.float32)
                 if i == label % len(phases):
                     a[:, 4:10, 4:10] += 80
-                save_volume(root / "images" / case / f"{ph}.nii.gz", a, spacing=(3.0, 1.0, 1.0), dtype=np.int16)
+                save_volume(
+                    root / "images" / case / f"{ph}.nii.gz", a, spacing=(3.0, 1.0, 1.0), dtype=np.int16
+                )
             lines.append(f"{case} {label}")
     (root / "labels.txt").write_text("\n".join(lines) + "\n")
     return root

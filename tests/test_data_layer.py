@@ -11,7 +11,13 @@ import pytest
 from liverfusion.data.cache import PreprocessedCache, clear_cache
 from liverfusion.data.datamodule import ClassificationDataModule
 from liverfusion.data.io import load_volume, save_volume
-from liverfusion.data.layouts import FolderLayout, GenericLayout, LLDMMRILayout, UnionLayout, patient_from_case
+from liverfusion.data.layouts import (
+    FolderLayout,
+    GenericLayout,
+    LLDMMRILayout,
+    UnionLayout,
+    patient_from_case,
+)
 from liverfusion.data.preprocess import PreprocessConfig
 from liverfusion.data.splits import Splits, make_splits
 from liverfusion.errors import ConfigError, DataError
@@ -81,8 +87,13 @@ def test_bad_volume_errors_name_file_and_reason(lld, tmp_path, corrupt, reason):
         import nibabel as nib
 
         nib.save(nib.Nifti1Image(np.ones((4, 4), np.float32), np.eye(4)), str(target))
-    dm = ClassificationDataModule(layout(lld), preprocess={"shape": [4, 8, 8]}, cache_dir=tmp_path / "cache",
-                                  split={"n_folds": 2, "test_fraction": 0.0, "save_to": None}, progress=False)
+    dm = ClassificationDataModule(
+        layout(lld),
+        preprocess={"shape": [4, 8, 8]},
+        cache_dir=tmp_path / "cache",
+        split={"n_folds": 2, "test_fraction": 0.0, "save_to": None},
+        progress=False,
+    )
     with pytest.raises(DataError) as info:
         dm.setup()
     msg = str(info.value)
@@ -176,9 +187,15 @@ def test_cache_keyed_by_content_and_config(lld, tmp_path):
 
 def test_nothing_written_under_data_dir(lld, tmp_path):
     before = sorted((p, p.stat().st_mtime_ns) for p in lld.rglob("*"))
-    dm = ClassificationDataModule(layout(lld), preprocess={"shape": [4, 8, 8]}, cache_dir=tmp_path / "cache",
-                                  split={"n_folds": 2, "test_fraction": 0.25, "save_to": str(tmp_path / "s.json")},
-                                  batch_size=2, progress=False, num_workers=0)
+    dm = ClassificationDataModule(
+        layout(lld),
+        preprocess={"shape": [4, 8, 8]},
+        cache_dir=tmp_path / "cache",
+        split={"n_folds": 2, "test_fraction": 0.25, "save_to": str(tmp_path / "s.json")},
+        batch_size=2,
+        progress=False,
+        num_workers=0,
+    )
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape[1:] == (3, 4, 8, 8)
@@ -197,8 +214,11 @@ def test_spacing_mode_resamples_then_fits_shape(tmp_path):
     save_volume(tmp_path / "v.nii.gz", a, spacing=(4.0, 1.0, 1.0))
     from liverfusion.data.preprocess import Preprocessor
 
-    pre = Preprocessor(PreprocessConfig(shape=(16, 16, 16), mode="spacing", target_spacing=(2.0, 2.0, 2.0),
-                                        normalize="zscore"))
+    pre = Preprocessor(
+        PreprocessConfig(
+            shape=(16, 16, 16), mode="spacing", target_spacing=(2.0, 2.0, 2.0), normalize="zscore"
+        )
+    )
     out = pre(load_volume(tmp_path / "v.nii.gz"))
     assert out.shape == (16, 16, 16)
     with pytest.raises(ConfigError, match="target_spacing"):
@@ -221,12 +241,22 @@ def test_generic_layout_columns_and_label_map(tmp_path):
     rows = ["id,pid,grade,has_b"]
     for i in range(4):
         for m in ("a", "b"):
-            save_volume(root / "subjects" / f"c{i}" / f"{m}.nii.gz", np.random.rand(4, 8, 8).astype(np.float32))
+            save_volume(
+                root / "subjects" / f"c{i}" / f"{m}.nii.gz", np.random.rand(4, 8, 8).astype(np.float32)
+            )
         rows.append(f"c{i},p{i // 2},{1 + i % 2},{i % 2}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    gl = GenericLayout(root, ["a", "b"], ["low", "high"], id_column="id", patient_column="pid",
-                       label_column="grade", label_map={1: "low", 2: "high"}, missing_flags={"b": "has_b"},
-                       on_missing_modality="mask")
+    gl = GenericLayout(
+        root,
+        ["a", "b"],
+        ["low", "high"],
+        id_column="id",
+        patient_column="pid",
+        label_column="grade",
+        label_map={1: "low", 2: "high"},
+        missing_flags={"b": "has_b"},
+        on_missing_modality="mask",
+    )
     cases = {c.case_id: c for c in gl.scan()}
     assert cases["c0"].label == 0 and cases["c1"].label == 1
     assert cases["c0"].missing == {"b"} and cases["c1"].missing == set()

@@ -55,7 +55,9 @@ class PreprocessedCache:
         self.cfg = cfg
 
     def key(self, case: Case) -> str:
-        files = {m: ("missing" if m in case.missing else file_digest(case.images[m])) for m in self.modalities}
+        files = {
+            m: ("missing" if m in case.missing else file_digest(case.images[m])) for m in self.modalities
+        }
         payload = json.dumps({"v": CACHE_VERSION, "cfg": self.cfg.as_dict(), "files": files}, sort_keys=True)
         return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
@@ -69,7 +71,9 @@ class PreprocessedCache:
         todo = [(c, p) for c, p in jobs if not (p.is_file() and p.with_suffix(".json").is_file())]
         if todo:
             args = [(c, p, self.modalities, self.cfg) for c, p in todo]
-            bar = tqdm(total=len(todo), desc=f"preprocessing {self.root.name}", disable=not progress, unit="case")
+            bar = tqdm(
+                total=len(todo), desc=f"preprocessing {self.root.name}", disable=not progress, unit="case"
+            )
             if workers > 0 and len(todo) > 1:
                 ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
                 with ctx.Pool(workers, initializer=_worker_init) as pool:
@@ -83,8 +87,16 @@ class PreprocessedCache:
         out = []
         for case, path in jobs:
             meta = json.loads(path.with_suffix(".json").read_text())
-            out.append(CachedCase(case.case_id, case.patient_id, case.label,
-                                  [m not in case.missing for m in self.modalities], path, meta))
+            out.append(
+                CachedCase(
+                    case.case_id,
+                    case.patient_id,
+                    case.label,
+                    [m not in case.missing for m in self.modalities],
+                    path,
+                    meta,
+                )
+            )
         return out
 
 
@@ -111,8 +123,11 @@ def _build_one(args: tuple[Case, Path, list[str], PreprocessConfig]) -> None:
         if cfg.require_same_grid:
             this = (vol.array.shape, tuple(round(s, 4) for s in vol.spacing))
             if grid is not None and this != grid[1]:
-                raise DataError(f"shape/spacing {this} differs from {grid[0]!r} {grid[1]} (require_same_grid)",
-                                path=vol.path, case=case.case_id)
+                raise DataError(
+                    f"shape/spacing {this} differs from {grid[0]!r} {grid[1]} (require_same_grid)",
+                    path=vol.path,
+                    case=case.case_id,
+                )
             grid = grid or (m, this)
         raw[m] = {
             "shape": list(vol.array.shape),
@@ -124,8 +139,10 @@ def _build_one(args: tuple[Case, Path, list[str], PreprocessConfig]) -> None:
     stack = np.stack(arrays).astype(dtype)
     with atomic_path(path) as tmp:
         np.save(tmp, stack)
-    atomic_write_text(path.with_suffix(".json"), json.dumps({"case": case.case_id, "raw": raw,
-                                                             "missing": sorted(case.missing)}))
+    atomic_write_text(
+        path.with_suffix(".json"),
+        json.dumps({"case": case.case_id, "raw": raw, "missing": sorted(case.missing)}),
+    )
 
 
 def clear_cache(cache_dir: str | Path, dataset: str | None = None) -> int:

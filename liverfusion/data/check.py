@@ -47,10 +47,15 @@ def inspect(dm: MultiModalDataModule) -> dict[str, Any]:
         report["modalities"][m] = {
             "present": sum(1 for e in entries if e.present[i]),
             "missing": sum(1 for e in entries if not e.present[i]),
-            "duplicated": sum(1 for c in cases.values() if any(f"{m!r} is an exact copy" in n for n in c.notes)),
+            "duplicated": sum(
+                1 for c in cases.values() if any(f"{m!r} is an exact copy" in n for n in c.notes)
+            ),
             "shapes": shapes,
             "spacings": spacings,
-            "range": (min((r["min"] for r in raws), default=np.nan), max((r["max"] for r in raws), default=np.nan)),
+            "range": (
+                min((r["min"] for r in raws), default=np.nan),
+                max((r["max"] for r in raws), default=np.nan),
+            ),
         }
     for c in dm.cases:
         for note in c.notes:
@@ -79,8 +84,15 @@ def render(report: dict[str, Any], console: Console) -> None:
         mod.add_column(col)
     for m, r in report["modalities"].items():
         lo, hi = r["range"]
-        mod.add_row(m, str(r["present"]), str(r["missing"]), str(r["duplicated"]), _fmt_counter(r["shapes"]),
-                    _fmt_counter(r["spacings"]), f"{lo:g} .. {hi:g}")
+        mod.add_row(
+            m,
+            str(r["present"]),
+            str(r["missing"]),
+            str(r["duplicated"]),
+            _fmt_counter(r["shapes"]),
+            _fmt_counter(r["spacings"]),
+            f"{lo:g} .. {hi:g}",
+        )
     console.print(mod)
     problems = report["problems"]
     if problems:

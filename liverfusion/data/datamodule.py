@@ -68,8 +68,16 @@ class MultiModalDataModule(L.LightningDataModule):
         self.layout = layout
         pre = _to_plain(preprocess) or {}
         self.preprocess = pre if isinstance(pre, PreprocessConfig) else PreprocessConfig(**pre)
-        self.split_cfg = {"n_folds": 5, "test_fraction": 0.2, "seed": 0, "stratify": True, "file": None,
-                          "release_folds": False, "save_to": None, **(_to_plain(split) or {})}
+        self.split_cfg = {
+            "n_folds": 5,
+            "test_fraction": 0.2,
+            "seed": 0,
+            "stratify": True,
+            "file": None,
+            "release_folds": False,
+            "save_to": None,
+            **(_to_plain(split) or {}),
+        }
         self.fold = int(fold)
         self.cache_dir = Path(cache_dir)
         self.batch_size = int(batch_size)
@@ -153,8 +161,13 @@ class MultiModalDataModule(L.LightningDataModule):
             train = [[c for c, _ in read_label_lines(self.layout.fold_file("train", k))] for k in range(n)]
             val = [[c for c, _ in read_label_lines(self.layout.fold_file("val", k))] for k in range(n)]
             return splits_from_case_lists(self.cases, train, val, seed=int(cfg["seed"]))
-        return make_splits(self.cases, n_folds=int(cfg["n_folds"]), test_fraction=float(cfg["test_fraction"]),
-                           seed=int(cfg["seed"]), stratify=bool(cfg["stratify"]))
+        return make_splits(
+            self.cases,
+            n_folds=int(cfg["n_folds"]),
+            test_fraction=float(cfg["test_fraction"]),
+            seed=int(cfg["seed"]),
+            stratify=bool(cfg["stratify"]),
+        )
 
     # ---- case selection ----
     def part_entries(self, part: str, labelled_only: bool = False) -> list[CachedCase]:
@@ -189,7 +202,9 @@ class MultiModalDataModule(L.LightningDataModule):
                 out.append(CachedCase(e.case_id, e.patient_id, None, e.present, e.path, e.meta))
         return out
 
-    def _loader(self, dataset, shuffle: bool, drop_last: bool = False, sampler=None, batch_size=None) -> DataLoader:
+    def _loader(
+        self, dataset, shuffle: bool, drop_last: bool = False, sampler=None, batch_size=None
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
@@ -205,8 +220,14 @@ class MultiModalDataModule(L.LightningDataModule):
 class ClassificationDataModule(MultiModalDataModule):
     """Labelled cases of each split; ``train_transform`` augments the whole modality stack of a case."""
 
-    def __init__(self, *args: Any, train_transform: Any = None, balanced_sampler: bool = False,
-                 drop_last: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        train_transform: Any = None,
+        balanced_sampler: bool = False,
+        drop_last: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.train_transform = train_transform
         self.balanced_sampler = balanced_sampler
@@ -216,7 +237,9 @@ class ClassificationDataModule(MultiModalDataModule):
         entries = self.part_entries(part, labelled_only=True)
         if not entries:
             raise DataError(f"split {part!r} of fold {self.fold} has no labelled cases")
-        return CaseDataset(entries, transform=self.train_transform if train else None, in_memory=self.in_memory)
+        return CaseDataset(
+            entries, transform=self.train_transform if train else None, in_memory=self.in_memory
+        )
 
     def class_counts(self) -> list[int]:
         counts = [0] * self.num_classes
@@ -251,5 +274,9 @@ def summarize_entries(entries: Sequence[CachedCase], class_names: Sequence[str])
             unlabelled += 1
         else:
             counts[e.label] += 1
-    return {"cases": len(entries), "patients": len({e.patient_id for e in entries}),
-            "per_class": dict(zip(class_names, counts)), "unlabelled": unlabelled}
+    return {
+        "cases": len(entries),
+        "patients": len({e.patient_id for e in entries}),
+        "per_class": dict(zip(class_names, counts)),
+        "unlabelled": unlabelled,
+    }

@@ -18,7 +18,9 @@ class CaseDataset(Dataset):
     modalities of a case.
     """
 
-    def __init__(self, entries: Sequence[CachedCase], transform: Callable | None = None, in_memory: bool = True):
+    def __init__(
+        self, entries: Sequence[CachedCase], transform: Callable | None = None, in_memory: bool = True
+    ):
         self.entries = list(entries)
         self.transform = transform
         self.arrays = [e.load() for e in self.entries] if in_memory else None

@@ -44,7 +44,9 @@ def load_volume(path: str | Path, dtype: np.dtype | type = np.float32, check: bo
         raise DataError(f"not a 3D image: array shape {tuple(data.shape)}", path=path)
     zooms = img.header.get_zooms()[:3]
     array = np.ascontiguousarray(np.transpose(data, (2, 1, 0))).astype(dtype, copy=False)
-    vol = Volume(array=array, spacing=(float(zooms[2]), float(zooms[1]), float(zooms[0])), affine=img.affine, path=path)
+    vol = Volume(
+        array=array, spacing=(float(zooms[2]), float(zooms[1]), float(zooms[0])), affine=img.affine, path=path
+    )
     if check:
         check_volume(vol)
     return vol

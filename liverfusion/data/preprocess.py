@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import NormalizeIntensity, Resize, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles, Spacing
+from monai.transforms import (
+    NormalizeIntensity,
+    Resize,
+    ResizeWithPadOrCrop,
+    ScaleIntensityRangePercentiles,
+    Spacing,
+)
 
 from liverfusion.data.io import Volume
 from liverfusion.errors import ConfigError
@@ -62,7 +68,9 @@ class Preprocessor:
         self.cfg = cfg
         mode = "trilinear" if cfg.interpolation == "trilinear" else cfg.interpolation
         if cfg.mode == "spacing":
-            self.resample = Spacing(pixdim=cfg.target_spacing, mode="bilinear" if mode == "trilinear" else mode)
+            self.resample = Spacing(
+                pixdim=cfg.target_spacing, mode="bilinear" if mode == "trilinear" else mode
+            )
             self.fit = ResizeWithPadOrCrop(spatial_size=cfg.shape, mode="constant")
         else:
             self.resample = None

@@ -40,7 +40,9 @@ class Splits:
     def partition(self, fold: int) -> dict[str, list[str]]:
         """Patient ids of train / val / test for one fold."""
         if not 0 <= fold < self.n_folds:
-            raise ConfigError(f"fold {fold} out of range: this split has {self.n_folds} folds (0..{self.n_folds - 1})")
+            raise ConfigError(
+                f"fold {fold} out of range: this split has {self.n_folds} folds (0..{self.n_folds - 1})"
+            )
         if self.nested:
             val_fold = (fold + 1) % self.n_folds if self.n_folds > 1 else fold
             train = [p for i, f in enumerate(self.folds) if i not in (fold, val_fold) for p in f]
@@ -81,8 +83,9 @@ def patient_labels(cases: Sequence[Case]) -> dict[str, int | None]:
     return out
 
 
-def make_splits(cases: Sequence[Case], n_folds: int = 5, test_fraction: float = 0.0, seed: int = 0,
-                stratify: bool = True) -> Splits:
+def make_splits(
+    cases: Sequence[Case], n_folds: int = 5, test_fraction: float = 0.0, seed: int = 0, stratify: bool = True
+) -> Splits:
     """Stratified patient-level k-fold with an optional held-out test fraction."""
     if n_folds < 2:
         raise ConfigError(f"n_folds must be >= 2, got {n_folds}")
@@ -98,8 +101,9 @@ def make_splits(cases: Sequence[Case], n_folds: int = 5, test_fraction: float = 
     test: list[str] = []
     pool = labelled
     if test_fraction > 0:
-        pool, test = train_test_split(labelled, test_size=test_fraction, random_state=seed,
-                                      stratify=y if strat_ok else None)
+        pool, test = train_test_split(
+            labelled, test_size=test_fraction, random_state=seed, stratify=y if strat_ok else None
+        )
         pool, test = sorted(pool), sorted(test)
     y_pool = np.array([labels[p] for p in pool])
     counts = np.bincount(y_pool)
@@ -115,8 +119,12 @@ def make_splits(cases: Sequence[Case], n_folds: int = 5, test_fraction: float = 
     return splits
 
 
-def splits_from_case_lists(cases: Sequence[Case], train_lists: Sequence[Sequence[str]],
-                           val_lists: Sequence[Sequence[str]], seed: int = 0) -> Splits:
+def splits_from_case_lists(
+    cases: Sequence[Case],
+    train_lists: Sequence[Sequence[str]],
+    val_lists: Sequence[Sequence[str]],
+    seed: int = 0,
+) -> Splits:
     """Splits given as per-fold case lists (LLD-MMRI ``train_foldK``/``val_foldK``), lifted to patients.
 
     The lists of fold k give its validation cases; fold k's validation patients become ``folds[k]``.
@@ -137,7 +145,9 @@ def splits_from_case_lists(cases: Sequence[Case], train_lists: Sequence[Sequence
     used = {p for f in folds for p in f} | {patient_of[c] for tl in train_lists for c in tl}
     test = sorted(p for p, y in labels.items() if y is not None and p not in used)
     unlabelled = sorted(p for p, y in labels.items() if y is None)
-    return Splits(seed=seed, n_folds=len(folds), folds=folds, test=test, unlabelled=unlabelled, source="files")
+    return Splits(
+        seed=seed, n_folds=len(folds), folds=folds, test=test, unlabelled=unlabelled, source="files"
+    )
 
 
 def check_disjoint(splits: Splits, path: str | Path | None = None) -> None:

@@ -7,10 +7,11 @@
 - :class:`UnionLayout`: several of the above as one pool.
 """
 
-from liverfusion.data.layouts.base import Layout, LabelSpec, patient_from_case
+from liverfusion.data.layouts.base import LabelSpec, Layout, patient_from_case
 from liverfusion.data.layouts.folder import FolderLayout
 from liverfusion.data.layouts.generic import GenericLayout
 from liverfusion.data.layouts.lldmmri import LLDMMRILayout
+from liverfusion.data.layouts.phantom import PhantomLayout
 from liverfusion.data.layouts.union import UnionLayout
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "LLDMMRILayout",
     "LabelSpec",
     "Layout",
+    "PhantomLayout",
     "UnionLayout",
     "patient_from_case",
 ]

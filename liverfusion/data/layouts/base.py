@@ -122,8 +122,10 @@ class Layout(abc.ABC):
         if dups:
             raise DataError(f"duplicate case ids: {dups[:10]}", path=self.root)
         if not cases:
-            raise DataError("no cases found (check the layout settings: folder names, file names, labels file)",
-                            path=self.root)
+            raise DataError(
+                "no cases found (check the layout settings: folder names, file names, labels file)",
+                path=self.root,
+            )
         return cases
 
     @abc.abstractmethod

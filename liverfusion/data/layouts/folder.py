@@ -45,8 +45,15 @@ class FolderLayout(Layout):
             if self.mask_pattern:
                 candidate = self.root / self.mask_pattern.format(case=case_id)
                 mask = candidate if candidate.is_file() else None
-            cases.append(Case(case_id=case_id, patient_id=patient_from_case(case_id, self.patient_regex),
-                              images=found[case_id], label=None, mask=mask))
+            cases.append(
+                Case(
+                    case_id=case_id,
+                    patient_id=patient_from_case(case_id, self.patient_regex),
+                    images=found[case_id],
+                    label=None,
+                    mask=mask,
+                )
+            )
         return cases
 
 

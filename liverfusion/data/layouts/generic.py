@@ -66,16 +66,22 @@ class GenericLayout(Layout):
             folder = subjects / case_id
             if not folder.is_dir():
                 raise DataError("case listed in the labels CSV has no folder", path=folder, case=case_id)
-            label = self.labels.parse(row[self.label_column], case_id, csv_path) if self.label_column else None
+            label = (
+                self.labels.parse(row[self.label_column], case_id, csv_path) if self.label_column else None
+            )
             patient = str(row[self.patient_column]).strip() if self.patient_column else ""
-            images = {m: folder / self.modality_files.get(m, self.file_pattern.format(modality=m))
-                      for m in self.modalities}
+            images = {
+                m: folder / self.modality_files.get(m, self.file_pattern.format(modality=m))
+                for m in self.modalities
+            }
             case = Case(
                 case_id=case_id,
                 patient_id=patient or patient_from_case(case_id, self.patient_regex),
                 images=images,
                 label=label,
-                mask=(folder / self.mask_file) if self.mask_file and (folder / self.mask_file).is_file() else None,
+                mask=(folder / self.mask_file)
+                if self.mask_file and (folder / self.mask_file).is_file()
+                else None,
             )
             for modality, column in self.missing_flags.items():
                 if str(row[column]).strip() in {"0", "0.0", "false", "False"}:

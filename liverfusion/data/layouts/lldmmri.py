@@ -64,7 +64,9 @@ class LLDMMRILayout(Layout):
         for case_id, raw in rows:
             folder = image_root / case_id
             if not folder.is_dir():
-                raise DataError("case listed in the labels file has no image folder", path=folder, case=case_id)
+                raise DataError(
+                    "case listed in the labels file has no image folder", path=folder, case=case_id
+                )
             cases.append(self._case(case_id, self.labels.parse(raw, case_id, labels_path), folder))
         for folder in sorted(p for p in image_root.iterdir() if p.is_dir() and p.name not in listed):
             case = self._case(folder.name, None, folder)

@@ -14,19 +14,37 @@ from liverfusion.errors import ConfigError
 
 
 class UnionLayout(Layout):
-    def __init__(self, layouts: Sequence[Layout], name: str = "union", class_names: Sequence[str] | None = None,
-                 prefix_ids: bool = True):
+    def __init__(
+        self,
+        layouts: Sequence[Layout],
+        name: str = "union",
+        class_names: Sequence[str] | None = None,
+        prefix_ids: bool = True,
+    ):
         if not layouts:
             raise ConfigError("UnionLayout needs at least one layout")
         modalities: list[str] = []
         for layout in layouts:
             modalities += [m for m in layout.modalities if m not in modalities]
-        names = class_names if class_names is not None else next((ly.class_names for ly in layouts if ly.class_names), [])
+        names = (
+            class_names
+            if class_names is not None
+            else next((ly.class_names for ly in layouts if ly.class_names), [])
+        )
         for layout in layouts:
             if layout.class_names and list(layout.class_names) != list(names):
-                raise ConfigError(f"layout {layout.name!r} has classes {layout.class_names}, union expects {list(names)}")
-        super().__init__(layouts[0].root, modalities, names, name=name, on_missing_modality="mask",
-                         detect_duplicates=False, clinical=any(ly.clinical for ly in layouts))
+                raise ConfigError(
+                    f"layout {layout.name!r} has classes {layout.class_names}, union expects {list(names)}"
+                )
+        super().__init__(
+            layouts[0].root,
+            modalities,
+            names,
+            name=name,
+            on_missing_modality="mask",
+            detect_duplicates=False,
+            clinical=any(ly.clinical for ly in layouts),
+        )
         self.layouts = list(layouts)
         self.prefix_ids = prefix_ids
 
