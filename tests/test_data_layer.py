@@ -202,7 +202,6 @@ def test_nothing_written_under_data_dir(lld, tmp_path):
     assert batch["present"].all()
     assert sorted((p, p.stat().st_mtime_ns) for p in lld.rglob("*")) == before
     assert (tmp_path / "s.json").is_file()
-    parts = dm.partition
     seen = {}
     for name in ("train", "val", "test"):
         for e in dm.part_entries(name):
