@@ -18,6 +18,7 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
+from liverfusion.data.cache import clear_cache
 from liverfusion.data.datamodule import MultiModalDataModule
 from liverfusion.errors import LiverfusionError
 from liverfusion.utils import hydra_utils  # noqa: F401  (registers resolvers)
@@ -114,6 +115,9 @@ def main(cfg: DictConfig) -> None:
         cfg.data.split.save_to = None
     try:
         dm = instantiate(cfg.data)
+        if cfg.clear_cache:
+            n = clear_cache(dm.cache_dir, dm.layout.name)
+            console.print(f"cleared {n} cached file(s) of {dm.layout.name!r} under {dm.cache_dir}")
         report = inspect(dm)
     except LiverfusionError as err:
         console.print(f"[bold red]error:[/bold red] {err}")
