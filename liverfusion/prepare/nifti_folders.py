@@ -1,0 +1,115 @@
+"""Loose volume files (NIfTI, also MHA/NRRD): one folder per case, or one flat folder with the case id in the name.
+
+``folders``: ``<input>/<patient>/[<study>/]<name>.nii.gz``; the patient is the first folder, the study the folder
+holding the files, and ``<name>`` is what the rules match. ``flat``: ``<input>/<name>.nii.gz`` with
+``nifti.case_regex`` pulling the case id out of the name (CHAOS: ``image_1`` / ``label_1``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+from liverfusion.errors import ConfigError, DataError
+from liverfusion.prepare.sources import Inventory, SeriesSource, StudySource, group_patients
+
+
+def read_volume(path: Path) -> sitk.Image:
+    """Read one 3D volume with its geometry; header metadata (descrip, aux_file, ...) is dropped."""
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()
+        raise DataError(f"unreadable image ({msg[-1] if msg else 'unknown error'})") from None
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = img[:, :, :, 0]
+    if img.GetDimension() != 3:
+        raise DataError(f"not a 3D image (size {img.GetSize()})")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(
+            f"{img.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image"
+        )
+    for key in img.GetMetaDataKeys():
+        img.EraseMetaData(key)
+    return img
+
+
+def strip_extension(name: str, extensions: list[str]) -> str | None:
+    low = name.lower()
+    for ext in sorted(extensions, key=len, reverse=True):
+        if low.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def scan_nifti_folders(root: Path, cfg: Mapping[str, Any], min_phi_length: int = 3) -> Inventory:
+    """List cases and their volume files; nothing is decoded here."""
+    layout = str(cfg.get("layout", "folders"))
+    extensions = [str(e).lower() for e in cfg.get("extensions", [".nii.gz", ".nii"])]
+    label_level = str(cfg.get("label_key", "study"))
+    if layout not in ("folders", "flat"):
+        raise ConfigError(f"nifti.layout must be folders or flat, not {layout!r}")
+    case_regex = None
+    if layout == "flat":
+        pattern = cfg.get("case_regex")
+        if not pattern:
+            raise ConfigError("nifti.layout=flat needs nifti.case_regex with a (?P<case>...) group")
+        try:
+            case_regex = re.compile(str(pattern))
+        except re.error as exc:
+            raise ConfigError(f"nifti.case_regex {pattern!r}: {exc}") from None
+        if "case" not in case_regex.groupindex:
+            raise ConfigError(f"nifti.case_regex {pattern!r} needs a named group (?P<case>...)")
+
+    studies: dict[str, tuple[str, StudySource, set[str]]] = {}
+    n_files = 0
+    warnings: list[str] = []
+    loose = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            stem = strip_extension(name, extensions)
+            if stem is None or name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            rel = path.relative_to(root)
+            n_files += 1
+            if layout == "flat":
+                m = case_regex.search(name) if case_regex else None
+                if m is None:
+                    loose += 1
+                    continue
+                pkey = skey = m.group("case")
+                ident = {pkey} | {p for p in rel.parent.parts if len(p) >= min_phi_length}
+            else:
+                if len(rel.parts) < 2:
+                    loose += 1
+                    continue
+                pkey = rel.parts[0]
+                skey = rel.parent.as_posix()
+                ident = {p for p in rel.parent.parts if len(p) >= min_phi_length}
+            label_key = (
+                pkey if label_level == "patient" else (Path(skey).name if layout == "folders" else skey)
+            )
+            sid = f"{pkey}\x00{skey}"
+            if sid not in studies:
+                studies[sid] = (
+                    pkey,
+                    StudySource(key=skey, series=[], label_key=label_key, order=skey),
+                    set(),
+                )
+            studies[sid][1].series.append(
+                SeriesSource(
+                    text=stem, load=lambda path=path: read_volume(path), order=name, info={"files": 1}
+                )
+            )
+            studies[sid][2].update(ident)
+    if loose:
+        what = "match nifti.case_regex" if layout == "flat" else "lie in a case folder"
+        warnings.append(f"{loose} volume file(s) do not {what}: ignored")
+    return Inventory(patients=group_patients(list(studies.values())), n_files=n_files, warnings=warnings)
