@@ -15,9 +15,11 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from liverfusion.errors import LiverfusionError
+from liverfusion.utils.atomic import atomic_write_text
 from liverfusion.utils.hydra_utils import (
     apply_extras,
     close_loggers,
@@ -62,6 +64,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         for lg in loggers:
             if hasattr(lg, "log_hyperparams"):
                 lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            if isinstance(lg, WandbLogger):  # resume continues the same run id (online)
+                atomic_write_text(output_dir / "wandb_run_id.txt", str(lg.experiment.id))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         objects = {
             "cfg": cfg,
