@@ -63,7 +63,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
         for lg in loggers:
             if hasattr(lg, "log_hyperparams"):
-                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+                params = OmegaConf.to_container(cfg, resolve=True)
+                params.pop("privacy_salt", None)  # the salt would let anyone re-identify hashed ids
+                lg.log_hyperparams(params)
             if isinstance(lg, WandbLogger):  # resume continues the same run id (online)
                 atomic_write_text(output_dir / "wandb_run_id.txt", str(lg.experiment.id))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
