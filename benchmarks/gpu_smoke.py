@@ -26,7 +26,7 @@ class StepTimer(L.Callback):
     """Wall time of training steps after a warm-up (CUDA-synchronised), and the samples they saw."""
 
     def __init__(self, warmup: int = 3):
-        self.warmup, self.times, self.samples, self._t = warmup, [], 0, None
+        self.warmup, self.times, self.samples, self._t, self._seen = warmup, [], 0, None, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         torch.cuda.synchronize()
@@ -34,7 +34,8 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         torch.cuda.synchronize()
-        if batch_idx >= self.warmup:
+        self._seen += 1
+        if self._seen > self.warmup:  # counted over epochs: short epochs still give timed steps
             self.times.append(time.perf_counter() - self._t)
             key = "view1" if "view1" in batch else "image"
             self.samples += int(batch[key].shape[0])
@@ -78,10 +79,10 @@ def main() -> int:
         print("no GPU: nothing to check", file=sys.stderr)
         return 1
     work = Path(os.environ.get("GPU_SMOKE_DIR") or tempfile.mkdtemp(prefix="gpu_smoke_"))
-    n_cases = int(os.environ.get("GPU_SMOKE_CASES", "240"))
+    n_cases = int(os.environ.get("GPU_SMOKE_CASES", "600"))
     common = [f"paths.data_dir={work / 'data'}", f"paths.cache_dir={work / 'cache'}", f"paths.log_dir={work}",
               f"data.layout.n_cases={n_cases}", "data.layout.workers=8", "data.prep_workers=8",
-              "data.num_workers=6", "logger=csv", "extras.print_config=false", "trainer.max_epochs=1",
+              "data.num_workers=6", "logger=csv", "extras.print_config=false", "trainer.max_epochs=3",
               "+trainer.limit_train_batches=25", "trainer.check_val_every_n_epoch=1", "+trainer.limit_val_batches=4"]
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "runs": []}
     pre = run("simsiam_pretrain_gpu", [*common, "data.batch_size=32", "data.layout.shape=[16,128,128]"], work)
@@ -91,7 +92,7 @@ def main() -> int:
     if (Path(CONFIG_DIR) / "experiment" / f"{finetune}.yaml").is_file() and pre["encoder_path"]:
         ft = run(finetune, [*common, "trainer=gpu", "data.batch_size=16", "data.layout.shape=[16,128,128]",
                             "data.preprocess.shape=[16,128,128]", "encoder@model.encoder=resnet18",
-                            f"model.init.path={pre['encoder_path']}"], work)
+                            f"model.pretrained.path={pre['encoder_path']}"], work)
         report["runs"].append(ft)
         print(json.dumps(ft, indent=1))
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / "gpu_smoke.json"
