@@ -68,13 +68,13 @@ class PreprocessedCache:
         for case in cases:
             key = self.key(case)
             jobs.append((case, self.root / f"{_safe(case.case_id)[:40]}-{key}.npy"))
-        todo = [(c, p) for c, p in jobs if not (p.is_file() and p.with_suffix(".json").is_file())]
-        if todo:
-            args = [(c, p, self.modalities, self.cfg) for c, p in todo]
+        pending = [(c, p) for c, p in jobs if not (p.is_file() and p.with_suffix(".json").is_file())]
+        if pending:
+            args = [(c, p, self.modalities, self.cfg) for c, p in pending]
             bar = tqdm(
-                total=len(todo), desc=f"preprocessing {self.root.name}", disable=not progress, unit="case"
+                total=len(pending), desc=f"preprocessing {self.root.name}", disable=not progress, unit="case"
             )
-            if workers > 0 and len(todo) > 1:
+            if workers > 0 and len(pending) > 1:
                 ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
                 with ctx.Pool(workers, initializer=_worker_init) as pool:
                     for _ in pool.imap_unordered(_build_one, args, chunksize=4):
