@@ -12,6 +12,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -57,6 +58,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         datamodule = instantiate(cfg.data)
         log.info("model <%s>", cfg.model._target_)
         model = instantiate(cfg.model, data_spec=datamodule.data_spec())
+        if cfg.get("compile"):
+            model = torch.compile(model)
         callbacks = instantiate_group(cfg.get("callbacks"))
         loggers = instantiate_group(cfg.get("logger"))
         if not loggers:  # nothing to log lr into (logger=none, debug=fast)
