@@ -80,19 +80,40 @@ def main() -> int:
         return 1
     work = Path(os.environ.get("GPU_SMOKE_DIR") or tempfile.mkdtemp(prefix="gpu_smoke_"))
     n_cases = int(os.environ.get("GPU_SMOKE_CASES", "600"))
-    common = [f"paths.data_dir={work / 'data'}", f"paths.cache_dir={work / 'cache'}", f"paths.log_dir={work}",
-              f"data.layout.n_cases={n_cases}", "data.layout.workers=8", "data.prep_workers=8",
-              "data.num_workers=6", "logger=csv", "extras.print_config=false", "trainer.max_epochs=3",
-              "+trainer.limit_train_batches=25", "trainer.check_val_every_n_epoch=1", "+trainer.limit_val_batches=4"]
+    common = [
+        f"paths.data_dir={work / 'data'}",
+        f"paths.cache_dir={work / 'cache'}",
+        f"paths.log_dir={work}",
+        f"data.layout.n_cases={n_cases}",
+        "data.layout.workers=8",
+        "data.prep_workers=8",
+        "data.num_workers=6",
+        "logger=csv",
+        "extras.print_config=false",
+        "trainer.max_epochs=3",
+        "+trainer.limit_train_batches=25",
+        "trainer.check_val_every_n_epoch=1",
+        "+trainer.limit_val_batches=4",
+    ]
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "runs": []}
     pre = run("simsiam_pretrain_gpu", [*common, "data.batch_size=32", "data.layout.shape=[16,128,128]"], work)
     report["runs"].append(pre)
     print(json.dumps(pre, indent=1))
     finetune = os.environ.get("GPU_SMOKE_FINETUNE", "cgc_finetune")
     if (Path(CONFIG_DIR) / "experiment" / f"{finetune}.yaml").is_file() and pre["encoder_path"]:
-        ft = run(finetune, [*common, "trainer=gpu", "data.batch_size=16", "data.layout.shape=[16,128,128]",
-                            "data.preprocess.shape=[16,128,128]", "encoder@model.encoder=resnet18",
-                            f"model.pretrained.path={pre['encoder_path']}"], work)
+        ft = run(
+            finetune,
+            [
+                *common,
+                "trainer=gpu",
+                "data.batch_size=16",
+                "data.layout.shape=[16,128,128]",
+                "data.preprocess.shape=[16,128,128]",
+                "encoder@model.encoder=resnet18",
+                f"model.pretrained.path={pre['encoder_path']}",
+            ],
+            work,
+        )
         report["runs"].append(ft)
         print(json.dumps(ft, indent=1))
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / "gpu_smoke.json"

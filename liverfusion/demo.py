@@ -1,14 +1,21 @@
 """``make demo``: the main job on the embedded phantom, step by step, with the real command-line entry points.
 
 Each step is printed as the command a user would type, then run, so the demo doubles as a tutorial:
-1. generate the phantom (frozen spec, default seed) and print its data check table;
-2. pre-train SimSiam on MDA cross-phase pairs and export ``encoder.pt``.
-Outputs go under ``logs/`` (runs) and ``data/phantom`` (the phantom) in the current directory.
+1. ``check``: generate the phantom (frozen spec, default seed) and print its data check table;
+2. ``pretrain``: pre-train SimSiam on MDA cross-phase pairs and export ``encoder.pt``;
+3. ``finetune``: train the CGC fusion classifier on the frozen pre-trained encoder, select the epoch on the
+   validation fold, test once on the test split;
+4. ``evaluate``: run the saved checkpoint on the test split with the evaluation CLI (predictions.csv, the LLD-MMRI
+   submission JSON, metrics with bootstrap CIs, robustness table), reading everything it needs from the checkpoint;
+5. ``report``: aggregate the run into results.md, CSVs, figures and a model card; print the metrics table.
+All outputs of one demo go to ``logs/demo/<time>/<step>`` (the phantom to ``data/phantom``, preprocessed volumes to
+``.cache/liverfusion``). Budget: 10 minutes on 2 CPU cores after install.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import shlex
 import subprocess
@@ -16,14 +23,63 @@ import sys
 import time
 from pathlib import Path
 
-STEPS = {
-    "check": ["-m", "liverfusion.data.check", "data=phantom"],
-    "pretrain": ["-m", "liverfusion.train", "+experiment=simsiam_pretrain", "extras.print_config=false"],
-}
+from liverfusion.utils.hydra_utils import CONFIG_DIR
+
+STEP_NAMES = ("check", "pretrain", "finetune", "evaluate", "report")
+# the pre-training preset: a demo-sized one when the SimSiam configs provide it, else the CPU preset
+PRETRAIN_PRESETS = ("simsiam_demo", "simsiam_pretrain")
+FINETUNE_PRESET = "cgc_demo"
 
 
-def run_step(name: str, extra: list[str]) -> float:
-    cmd = [sys.executable, *STEPS[name], *extra]
+def pretrain_preset() -> str:
+    return next(p for p in PRETRAIN_PRESETS if (Path(CONFIG_DIR) / "experiment" / f"{p}.yaml").is_file())
+
+
+def step_commands(root: Path, overrides: list[str]) -> dict[str, list[str]]:
+    """The command line of every step; ``overrides`` go to the training steps, data/paths ones to evaluate too."""
+    data_overrides = [o for o in overrides if o.lstrip("+~").startswith(("data.", "paths."))]
+    encoder = root / "pretrain" / "checkpoints" / "encoder.pt"
+    return {
+        "check": ["-m", "liverfusion.data.check", "data=phantom", *data_overrides],
+        "pretrain": [
+            "-m",
+            "liverfusion.train",
+            f"+experiment={pretrain_preset()}",
+            "extras.print_config=false",
+            f"hydra.run.dir={root / 'pretrain'}",
+            *overrides,
+        ],
+        "finetune": [
+            "-m",
+            "liverfusion.train",
+            f"+experiment={FINETUNE_PRESET}",
+            f"model.pretrained.path={encoder}",
+            "extras.print_config=false",
+            f"hydra.run.dir={root / 'finetune'}",
+            *overrides,
+        ],
+        "evaluate": [
+            "-m",
+            "liverfusion.evaluate",
+            f"ckpt_path={root / 'finetune'}",
+            "split=test",
+            f"hydra.run.dir={root / 'evaluate'}",
+            *data_overrides,
+        ],
+        "report": [
+            "-m",
+            "liverfusion.report",
+            str(root / "finetune"),
+            "--names",
+            "cgc_frozen_simsiam",
+            "--out",
+            str(root / "report"),
+        ],
+    }
+
+
+def run_step(name: str, args: list[str]) -> float:
+    cmd = [sys.executable, *args]
     shown = "python " + " ".join(shlex.quote(c) for c in cmd[1:])
     print(f"\n=== {name}: {shown}", flush=True)
     start = time.perf_counter()
@@ -35,23 +91,43 @@ def run_step(name: str, extra: list[str]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {list(STEPS)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps", default=",".join(STEP_NAMES), help=f"comma-separated subset of {STEP_NAMES}"
+    )
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="output folder of this demo (default logs/demo/<time>; reuse one to resume)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to the training steps")
     args = parser.parse_args(argv)
     steps = [s for s in args.steps.split(",") if s]
-    unknown = [s for s in steps if s not in STEPS]
+    unknown = [s for s in steps if s not in STEP_NAMES]
     if unknown:
-        parser.error(f"unknown steps {unknown}; choose from {list(STEPS)}")
+        parser.error(f"unknown steps {unknown}; choose from {list(STEP_NAMES)}")
+    root = Path(args.root or Path("logs") / "demo" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    commands = step_commands(root, list(args.overrides))
     timings = {}
+    total = time.perf_counter()
     for name in steps:
-        timings[name] = run_step(name, args.overrides if name != "check" else [])
+        timings[name] = run_step(name, commands[name])
     print("\n=== demo finished")
     for name, seconds in timings.items():
         print(f"  {name:<10} {seconds:7.1f} s")
-    encoders = sorted(Path("logs").glob("simsiam_pretrain/runs/*/checkpoints/encoder.pt"), key=os.path.getmtime)
-    if encoders:
-        print(f"  encoder:   {encoders[-1]}")
+    print(f"  {'total':<10} {time.perf_counter() - total:7.1f} s")
+    print(f"  outputs:   {root}")
+    encoder = root / "pretrain" / "checkpoints" / "encoder.pt"
+    if encoder.is_file():
+        print(f"  encoder:   {encoder}")
+    for label, path in (
+        ("test", root / "evaluate" / "metrics.md"),
+        ("report", root / "report" / "results.md"),
+    ):
+        if path.is_file():
+            print(f"  {label + ':':<10} {path}")
     print("  phantom:   data/phantom (LLD-MMRI layout: images/<case>/<Phase>.nii.gz, labels.txt)")
 
 

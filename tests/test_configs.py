@@ -121,18 +121,49 @@ def test_regular_install_finds_conf(tmp_path):
     import zipfile
 
     repo = Path(__file__).resolve().parents[1]
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "wheel"), str(repo)], capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(repo),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr
     wheel = next((tmp_path / "wheel").glob("liverfusion-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(tmp_path / "site")
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site"), "WANDB_MODE": "disabled",
-           "HOME": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-m", "liverfusion.train", "+experiment=simsiam_pretrain", "--cfg", "job"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(tmp_path / "site"),
+        "WANDB_MODE": "disabled",
+        "HOME": str(tmp_path),
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "liverfusion.train", "+experiment=simsiam_pretrain", "--cfg", "job"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "task_name: simsiam_pretrain" in run.stdout
-    import_path = subprocess.run([sys.executable, "-c", "import liverfusion; print(liverfusion.__file__)"],
-                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    import_path = subprocess.run(
+        [sys.executable, "-c", "import liverfusion; print(liverfusion.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert str(tmp_path / "site") in import_path.stdout  # the wheel's copy was used, not the repository's

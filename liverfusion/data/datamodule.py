@@ -10,7 +10,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from liverfusion.data.cache import CachedCase, PreprocessedCache
 from liverfusion.data.case import Case
@@ -18,6 +19,7 @@ from liverfusion.data.datasets import CaseDataset
 from liverfusion.data.layouts.base import Layout
 from liverfusion.data.preprocess import PreprocessConfig
 from liverfusion.data.splits import Splits, check_cases_against_splits, make_splits, splits_from_case_lists
+from liverfusion.data.transforms import build_transform, reseed
 from liverfusion.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -205,7 +207,9 @@ class MultiModalDataModule(L.LightningDataModule):
     def _loader(
         self, dataset, shuffle: bool, drop_last: bool = False, sampler=None, batch_size=None
     ) -> DataLoader:
-        return DataLoader(
+        # torchdata's StatefulDataLoader: Lightning checkpoints its position, so a run killed mid-epoch resumes
+        # with the remaining batches of that epoch in the original order (not a restarted, truncated epoch)
+        return StatefulDataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
             shuffle=shuffle if sampler is None else False,
@@ -217,29 +221,128 @@ class MultiModalDataModule(L.LightningDataModule):
         )
 
 
+class _Reseeded:
+    """Re-seeds a MONAI random pipeline from torch's generator before each call, so augmentation is reproducible
+    under ``seed_everything(workers=True)`` and differs between DataLoader workers."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        reseed(self.transform)
+        return self.transform(x)
+
+
+PREDICT_PARTS = ("train", "val", "test", "all")
+
+
+class _FeatureCachedView(Dataset):
+    """A CaseDataset whose items drop the image once the model holds every case's (frozen) encoder features.
+
+    Loading, converting and collating (M, D, H, W) stacks costs more than probing a fusion block on cached
+    features; ``image_free`` is switched on by :meth:`ClassificationDataModule.features_cached`.
+    """
+
+    def __init__(self, base: CaseDataset):
+        self.base = base
+        self.entries = base.entries
+        self.image_free = False
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        if not self.image_free:
+            return self.base[index]
+        e = self.entries[index]
+        return {
+            "image": torch.zeros(len(e.present), 1, 1, 1),  # placeholder: the model reads its feature cache
+            "present": torch.tensor(e.present, dtype=torch.bool),
+            "label": -1 if e.label is None else int(e.label),
+            "case_id": e.case_id,
+            "patient_id": e.patient_id,
+            "index": index,
+        }
+
+
 class ClassificationDataModule(MultiModalDataModule):
-    """Labelled cases of each split; ``train_transform`` augments the whole modality stack of a case."""
+    """Labelled cases of each split for the fusion classifier.
+
+    Args (beyond the base class):
+        train_transform: a list of MONAI/torchio transforms (Hydra ``_target_`` items) or a callable, applied to
+            the whole (M, D, H, W) stack of a training case: one random spatial draw for all co-registered
+            modalities (the LLD-MMRI baseline flips and rotates every phase identically).
+        eval_crop: centre crop (D, H, W) for validation, test and prediction (the counterpart of a random training
+            crop), or null. Recorded in ``data_spec`` so checkpoints carry it.
+        balanced_sampler: draw training cases with probability inversely proportional to their class frequency.
+        drop_last: drop the last incomplete training batch (BatchNorm dislikes a batch of one).
+        predict_part: the split that ``predict_dataloader`` serves: train, val, test, or ``all`` (every case of
+            the data set, labelled or not, with no split made: a separate cohort).
+    """
 
     def __init__(
         self,
         *args: Any,
         train_transform: Any = None,
+        eval_crop: Sequence[int] | None = None,
         balanced_sampler: bool = False,
         drop_last: bool = False,
+        predict_part: str = "test",
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.train_transform = train_transform
+        items = _to_plain(train_transform)
+        built = build_transform(items)
+        self.train_transform = _Reseeded(built) if built is not None else None
+        crop = _to_plain(eval_crop)
+        if crop is not None and (len(crop) != 3 or min(int(c) for c in crop) < 1):
+            raise ConfigError(f"data.eval_crop must be null or 3 positive sizes (D, H, W), got {crop}")
+        self.eval_crop = [int(c) for c in crop] if crop is not None else None
+        self.eval_transform = None
+        if self.eval_crop is not None:
+            from monai.transforms import CenterSpatialCrop
+
+            self.eval_transform = CenterSpatialCrop(roi_size=self.eval_crop)
         self.balanced_sampler = balanced_sampler
         self.drop_last = drop_last
+        if predict_part not in PREDICT_PARTS:
+            raise ConfigError(f"data.predict_part={predict_part!r}: choose one of {PREDICT_PARTS}")
+        self.predict_part = predict_part
+        self._views: dict[str, _FeatureCachedView] = {}
 
-    def dataset(self, part: str, train: bool = False) -> CaseDataset:
-        entries = self.part_entries(part, labelled_only=True)
+    def data_spec(self) -> dict[str, Any]:
+        spec = super().data_spec()
+        spec["eval_crop"] = self.eval_crop
+        spec["network_input_shape"] = self.eval_crop or list(self.input_shape)
+        spec["split"] = {
+            k: self.split_cfg.get(k)
+            for k in ("n_folds", "test_fraction", "seed", "stratify", "release_folds")
+        }
+        spec["fold"] = self.fold
+        return spec
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.predict_part != "all":
+            super().setup(stage)
+            return
+        if self.entries:
+            return
+        # a separate cohort: every case, no split (its labelled patients may be too few to fold)
+        self.cases = self.layout.scan()
+        for case_id, why in self.layout.skipped:
+            log.warning("case %s left out: %s", case_id, why)
+        cached = self._cache().build(self.cases, workers=self.prep_workers, progress=self.progress)
+        self.entries = {e.case_id: e for e in cached}
+        self.partition = {"all": sorted({e.patient_id for e in cached})}
+
+    def dataset(self, part: str, train: bool = False, labelled_only: bool = True) -> CaseDataset:
+        entries = self.part_entries(part, labelled_only=labelled_only)
         if not entries:
-            raise DataError(f"split {part!r} of fold {self.fold} has no labelled cases")
-        return CaseDataset(
-            entries, transform=self.train_transform if train else None, in_memory=self.in_memory
-        )
+            raise DataError(
+                f"split {part!r} of fold {self.fold} has no {'labelled ' if labelled_only else ''}cases"
+            )
+        transform = self.train_transform if train else self.eval_transform
+        return CaseDataset(entries, transform=transform, in_memory=self.in_memory)
 
     def class_counts(self) -> list[int]:
         counts = [0] * self.num_classes
@@ -247,26 +350,46 @@ class ClassificationDataModule(MultiModalDataModule):
             counts[e.label] += 1
         return counts
 
+    def features_cached(self, part: str, case_ids: set[str]) -> bool:
+        """The model holds frozen features of ``case_ids``: if they cover the served ``part`` (train / val) and it
+        is not augmented, serve it without images from now on. Returns whether images are now skipped."""
+        view = self._views.get(part)
+        if view is None or (part == "train" and self.train_transform is not None):
+            return False
+        if not view.image_free and all(e.case_id in case_ids for e in view.entries):
+            view.image_free = True
+            log.info(
+                "%s split: encoder features cached for all %d cases; images no longer loaded", part, len(view)
+            )
+        return view.image_free
+
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train", train=True)
+        self._views["train"] = ds = _FeatureCachedView(ds)
         sampler = None
         if self.balanced_sampler:
             counts = self.class_counts()
             weights = [1.0 / counts[e.label] for e in ds.entries]
             sampler = WeightedRandomSampler(weights, num_samples=len(ds), replacement=True)
-        return self._loader(ds, shuffle=True, drop_last=self.drop_last, sampler=sampler)
+        drop_last = self.drop_last and len(ds) > self.batch_size
+        return self._loader(ds, shuffle=True, drop_last=drop_last, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), shuffle=False, batch_size=self.eval_batch_size)
+        self._views["val"] = ds = _FeatureCachedView(self.dataset("val"))
+        return self._loader(ds, shuffle=False, batch_size=self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), shuffle=False, batch_size=self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        """Every case of ``predict_part``, unlabelled ones included (label -1)."""
+        ds = self.dataset(self.predict_part, labelled_only=False)
+        return self._loader(ds, shuffle=False, batch_size=self.eval_batch_size)
 
 
 def summarize_entries(entries: Sequence[CachedCase], class_names: Sequence[str]) -> dict[str, Any]:
+    """Cases, patients, labelled cases per class and unlabelled cases of one split (for logs, reports and the
+    model card; with ``label_fraction < 1`` the withheld training labels count as unlabelled)."""
     counts = [0] * len(class_names)
     unlabelled = 0
     for e in entries:

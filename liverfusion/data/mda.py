@@ -3,7 +3,8 @@ usually of two different modalities (phases), so a weight-sharing encoder learns
 
 Policies: ``cross`` (two different modalities; uniform or weighted), ``same`` (one modality twice: plain SimSiam,
 the ablation without MDA), ``mixed`` (cross with probability ``p_cross``, else same). Only modalities a case really
-has are drawn (missing and filler-copy modalities are excluded).
+has are drawn (missing and filler-copy modalities are excluded). A pair is always built from one case, so it can
+never mix patients; case and patient ids travel in the batch so that this can be audited.
 """
 
 from __future__ import annotations
@@ -19,42 +20,71 @@ from torch.utils.data import DataLoader, Dataset
 from liverfusion.data.cache import CachedCase
 from liverfusion.data.datamodule import MultiModalDataModule, _to_plain
 from liverfusion.data.datasets import CaseDataset
-from liverfusion.data.transforms import build_transform, reseed
+from liverfusion.data.transforms import build_batch_transform, build_transform, reseed
 from liverfusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("cross", "same", "mixed")
+PRETRAIN_PARTS = ("train", "unlabelled")
 
 
 class PairSampler:
-    """Draws the two modality indices of a pair from a case's available modalities."""
+    """Draws the two modality indices of a pair from a case's available modalities.
 
-    def __init__(self, modalities: Sequence[str], policy: str = "cross", p_cross: float = 0.5,
-                 weights: Mapping[str, float] | None = None, fallback_same: bool = False):
+    ``weights`` (modality name -> relative weight, default 1) bias which phases are drawn; under ``cross`` the
+    second modality is drawn from the remaining ones with the same weights.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        policy: str = "cross",
+        p_cross: float = 0.5,
+        weights: Mapping[str, float] | None = None,
+        fallback_same: bool = False,
+    ):
         if policy not in POLICIES:
             raise ConfigError(f"pairs.policy must be one of {POLICIES}, got {policy!r}")
+        if not 0.0 <= float(p_cross) <= 1.0:
+            raise ConfigError(f"pairs.p_cross must be in [0, 1], got {p_cross}")
         self.modalities = list(modalities)
         self.policy = policy
         self.p_cross = float(p_cross)
-        unknown = set(weights or {}) - set(self.modalities)
+        weights = dict(weights or {})
+        unknown = set(weights) - set(self.modalities)
         if unknown:
-            raise ConfigError(f"pairs.weights names unknown modalities {sorted(unknown)}; have {self.modalities}")
-        self.weights = np.array([float((weights or {}).get(m, 1.0)) for m in self.modalities])
-        self.fallback_same = fallback_same
+            raise ConfigError(
+                f"pairs.weights names unknown modalities {sorted(unknown)}; have {self.modalities}"
+            )
+        if any(float(w) < 0 for w in weights.values()):
+            raise ConfigError(f"pairs.weights must be >= 0, got {weights}")
+        self.weights = np.array([float(weights.get(m, 1.0)) for m in self.modalities])
+        self.fallback_same = bool(fallback_same)
+
+    def drawable(self, present: Sequence[bool]) -> list[int]:
+        """Indices of the modalities a case has and that may be drawn (weight > 0)."""
+        return [i for i, p in enumerate(present) if p and self.weights[i] > 0]
 
     def usable(self, present: Sequence[bool]) -> bool:
-        return self.policy == "same" or sum(present) >= 2 or self.fallback_same
+        """Whether the case can give a pair under this policy (else it is left out and counted)."""
+        n = len(self.drawable(present))
+        if self.policy == "same":
+            return n >= 1
+        return n >= 2 or (n == 1 and self.fallback_same)
 
     def draw(self, present: Sequence[bool], generator: torch.Generator | None = None) -> tuple[int, int]:
-        idx = [i for i, p in enumerate(present) if p]
+        idx = self.drawable(present)
+        if not idx:
+            raise ValueError(f"no drawable modality among present={list(present)}")
         w = torch.tensor(self.weights[idx], dtype=torch.float64)
         cross = self.policy == "cross" or (
-            self.policy == "mixed" and torch.rand(1, generator=generator).item() < self.p_cross)
+            self.policy == "mixed" and torch.rand(1, generator=generator).item() < self.p_cross
+        )
         if cross and len(idx) >= 2:
             a, b = torch.multinomial(w, 2, replacement=False, generator=generator).tolist()
             return idx[a], idx[b]
-        a = torch.multinomial(w, 1, generator=generator).item()
+        a = int(torch.multinomial(w, 1, generator=generator).item())
         return idx[a], idx[a]
 
 
@@ -74,7 +104,7 @@ class PairDataset(Dataset):
         if self.transform is not None:
             reseed(self.transform)
             v = torch.as_tensor(self.transform(v)).float()
-        return v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v
+        return v.as_subclass(torch.Tensor)
 
     def __getitem__(self, index: int) -> dict:
         e: CachedCase = self.base.entries[index]
@@ -88,31 +118,58 @@ class PairDataset(Dataset):
             "label": -1 if e.label is None else int(e.label),
             "case_id": e.case_id,
             "patient_id": e.patient_id,
+            "index": index,
         }
 
 
 class MDADataModule(MultiModalDataModule):
     """Pre-training pairs from the training (+ unlabelled) patients; val/test patients are never seen.
 
-    The validation loaders serve the kNN monitor: 0 = memory bank (labelled training cases, all modalities, no
-    augmentation), 1 = queries (labelled validation cases).
+    Args (beyond :class:`MultiModalDataModule`):
+        pairs: :class:`PairSampler` arguments (``policy``, ``p_cross``, ``weights``, ``fallback_same``).
+        augment: per-view MONAI/torchio transforms (a list, run in the loader workers).
+        batch_augment: batched tensor transforms (``liverfusion.data.transforms.Batch*``) applied to each view
+            of a training batch after it reaches the device, with per-sample draws.
+        pretrain_parts: which patients give pairs: ``train`` and/or ``unlabelled`` (never val or test).
+        drop_last: drop the last incomplete batch (BatchNorm of the SimSiam heads needs full batches).
+        monitor: serve the kNN monitor's loaders: 0 = memory bank (labelled training cases, all modalities,
+            no augmentation), 1 = queries (labelled validation cases).
     """
 
-    def __init__(self, *args: Any, pairs: Mapping[str, Any] | None = None, augment: Any = None,
-                 pretrain_parts: Sequence[str] = ("train", "unlabelled"), drop_last: bool = True,
-                 monitor: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        pairs: Mapping[str, Any] | None = None,
+        augment: Any = None,
+        batch_augment: Any = None,
+        pretrain_parts: Sequence[str] = PRETRAIN_PARTS,
+        drop_last: bool = True,
+        monitor: bool = True,
+        **kwargs: Any,
+    ):
         kwargs.pop("train_transform", None)
         kwargs.pop("balanced_sampler", None)
         super().__init__(*args, **kwargs)
         pairs = dict(_to_plain(pairs) or {})
         self.sampler = PairSampler(self.modalities, **pairs)
         self.augment = build_transform(augment)
+        self.batch_augment = build_batch_transform(batch_augment)
         self.pretrain_parts = list(pretrain_parts)
-        if "test" in self.pretrain_parts:
-            raise ConfigError("pretrain_parts must not include 'test': pre-training never sees test patients")
+        bad = [p for p in self.pretrain_parts if p not in PRETRAIN_PARTS]
+        if bad:
+            raise ConfigError(
+                f"pretrain_parts {bad} not allowed: pre-training may use {list(PRETRAIN_PARTS)} "
+                "only, so validation and test patients stay unseen"
+            )
         self.drop_last = drop_last
         self.monitor = monitor
         self.left_out: list[str] = []
+        self._generator: torch.Generator | None = None
+        self._warned = False
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.pretrain_entries()  # fail before training when the policy cannot work on this data set
 
     def pretrain_entries(self) -> list[CachedCase]:
         entries = [e for part in self.pretrain_parts for e in self.part_entries(part)]
@@ -120,13 +177,32 @@ class MDADataModule(MultiModalDataModule):
         self.left_out = sorted(e.case_id for e in entries if not self.sampler.usable(e.present))
         if entries and not usable:
             raise ConfigError(
-                f"pairs.policy={self.sampler.policy!r} needs two modalities per case, but every case of "
-                f"{self.layout.name!r} has one ({self.modalities}); use pairs.policy=same or "
-                "pairs.fallback_same=true")
-        if self.left_out:
-            log.warning("%d case(s) with a single modality left out of cross-modality pairs: %s",
-                        len(self.left_out), self.left_out[:10])
+                f"pairs.policy={self.sampler.policy!r} needs two modalities per case, but no case of "
+                f"{self.layout.name!r} has two (modalities: {self.modalities}); use pairs.policy=same or "
+                "pairs.fallback_same=true"
+            )
+        if not entries:
+            raise ConfigError(f"no pre-training cases in {self.pretrain_parts} of fold {self.fold}")
+        if self.left_out and not self._warned:
+            self._warned = True
+            log.warning(
+                "%d case(s) with fewer than two modalities left out of %s pairs: %s%s",
+                len(self.left_out),
+                self.sampler.policy,
+                self.left_out[:10],
+                " ..." if len(self.left_out) > 10 else "",
+            )
         return usable
+
+    def pretrain_summary(self) -> dict[str, Any]:
+        """Counts for the log and the run record: cases/patients that give pairs and how many were left out."""
+        usable = self.pretrain_entries()
+        return {
+            "cases": len(usable),
+            "patients": len({e.patient_id for e in usable}),
+            "left_out": len(self.left_out),
+            "policy": self.sampler.policy,
+        }
 
     def pair_dataset(self) -> PairDataset:
         base = CaseDataset(self.pretrain_entries(), in_memory=self.in_memory)
@@ -135,7 +211,9 @@ class MDADataModule(MultiModalDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = self.pair_dataset()
         if len(ds) < self.batch_size and self.drop_last:
-            raise ConfigError(f"only {len(ds)} pre-training cases for batch_size={self.batch_size} with drop_last")
+            raise ConfigError(
+                f"only {len(ds)} pre-training cases for batch_size={self.batch_size} with drop_last"
+            )
         return self._loader(ds, shuffle=True, drop_last=self.drop_last)
 
     def monitor_datasets(self) -> tuple[CaseDataset, CaseDataset] | None:
@@ -150,3 +228,20 @@ class MDADataModule(MultiModalDataModule):
         if sets is None:
             return []
         return [self._loader(s, shuffle=False, batch_size=self.eval_batch_size) for s in sets]
+
+    # ---- batched augmentation on the device ----
+    def batch_generator(self) -> torch.Generator:
+        """CPU generator for the batched draws: seeded from torch's seed and the rank, so runs reproduce under
+        ``seed_everything`` and the ranks of a DDP job draw differently."""
+        if self._generator is None:
+            rank = int(getattr(self.trainer, "global_rank", 0) or 0) if self.trainer is not None else 0
+            self._generator = torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
+        return self._generator
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        training = self.trainer is None or self.trainer.training
+        if self.batch_augment is not None and training and isinstance(batch, dict) and "view1" in batch:
+            g = self.batch_generator()
+            batch["view1"] = self.batch_augment(batch["view1"], generator=g)  # two calls: independent draws
+            batch["view2"] = self.batch_augment(batch["view2"], generator=g)
+        return batch

@@ -22,7 +22,9 @@ def split_decay(params: Iterable[tuple[str, nn.Parameter]], exclude_bn_bias: boo
     return decay, no_decay
 
 
-def scaled_lr(base_lr: float, batch_size: int, world_size: int, accumulate: int, reference: int = 256) -> float:
+def scaled_lr(
+    base_lr: float, batch_size: int, world_size: int, accumulate: int, reference: int = 256
+) -> float:
     """Linear scaling rule: lr = base_lr * global_batch / reference, counting devices and accumulation."""
     return base_lr * batch_size * world_size * accumulate / reference
 
@@ -30,8 +32,12 @@ def scaled_lr(base_lr: float, batch_size: int, world_size: int, accumulate: int,
 def build_optimizer(groups: list[dict[str, Any]], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     name = str(cfg.get("name", "sgd")).lower()
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=float(cfg.get("momentum", 0.9)),
-                               nesterov=bool(cfg.get("nesterov", False)))
+        return torch.optim.SGD(
+            groups,
+            lr=groups[0]["lr"],
+            momentum=float(cfg.get("momentum", 0.9)),
+            nesterov=bool(cfg.get("nesterov", False)),
+        )
     if name == "adamw":
         betas = tuple(cfg.get("betas", (0.9, 0.999)))
         return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas)

@@ -16,6 +16,9 @@ from liverfusion.modules.ssl_base import SSLModule, _plain
 
 
 class SimSiam(SSLModule):
+    """Args: ``encoder``; ``projector`` (hidden_dim, out_dim, num_layers) and ``predictor`` (hidden_dim) sizes;
+    ``fix_pred_lr`` keeps the predictor at the initial lr (as the paper); the rest go to :class:`SSLModule`."""
+
     def __init__(
         self,
         encoder: Encoder,
@@ -45,12 +48,12 @@ class SimSiam(SSLModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled encoder features (what downstream tasks use)."""
-        return self.encoder(x).pooled
+        return self.encode(x)
 
     def ssl_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # two passes, as in the paper: BatchNorm statistics are per view
-        f1 = self.encoder(batch["view1"]).pooled
-        f2 = self.encoder(batch["view2"]).pooled
+        f1 = self.encode(batch["view1"])
+        f2 = self.encode(batch["view2"])
         z1, z2 = self.projector(f1), self.projector(f2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
-        return self.criterion(p1, p2, z1, z2), z1, f1
+        return self.criterion(p1, p2, z1, z2), torch.cat([z1, z2]), f1

@@ -1,0 +1,284 @@
+"""Fusion benchmark on the phantom: CGC vs the baselines (single modality, early, late_concat, late_mean), with the
+SimSiam (MDA) encoder and from scratch, mean +- std over the 3 validation folds, fixed test split.
+
+    python benchmarks/fusion_phantom.py            # resumable: finished runs are skipped on a re-run
+    nohup python benchmarks/fusion_phantom.py > fusion_phantom.log 2>&1 &
+
+Protocol (every number is a config value below, nothing was tuned on this phantom):
+- data: the phantom (default spec, 450 cases, 16x64x64) generated with seed 4242, which no tuning used (the demo
+  and development used seed 7); split seed 0: 20 % of the patients are the test split, the rest 3 folds;
+- pre-training: ``+experiment=simsiam_pretrain`` (MDA cross-phase pairs) once per fold on that fold's training
+  patients (its validation and test patients are never seen), training seed 0;
+- arms (training seed 0, each on folds 0, 1, 2; model selection on the fold's validation macro-F1; test once):
+  ``*_probe``: frozen pre-trained encoder + fusion + head (``+experiment=cgc_demo`` settings);
+  ``cgc_finetune``: pre-trained encoder fine-tuned (encoder lr x0.1, ``+experiment=cgc_finetune``);
+  ``*_scratch``: the same networks trained end to end from random weights (``early`` can only be scratch: its
+  encoder reads 8 channels, the pre-trained one 1).
+Results: ``benchmarks/results/fusion_phantom.{md,csv,json}`` (+ the report folder in the work dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+PHANTOM_SEED = 4242
+TRAIN_SEED = 0
+FOLDS = (0, 1, 2)
+MODALITIES = ["T2WI", "DWI", "In Phase", "Out Phase", "C-pre", "C+A", "C+V", "C+Delay"]
+
+
+def base_overrides(work: Path, phantom_seed: int = PHANTOM_SEED) -> list[str]:
+    return [
+        f"paths.data_dir={work / 'data'}",
+        f"paths.cache_dir={work / 'cache'}",
+        f"data.layout.seed={phantom_seed}",
+        "logger=csv",
+        "extras.print_config=false",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        "+trainer.enable_progress_bar=false",
+    ]
+
+
+def run(args: Sequence[str], out: Path, log_name: str = "run.log", done: str = "test/summary.json") -> float:
+    """Run one ``python -m liverfusion.*`` command into ``out`` unless it already finished; return seconds."""
+    if (out / done).is_file():
+        return 0.0
+    if out.exists():  # an interrupted run: start it again cleanly
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    cmd = [sys.executable, *args, f"hydra.run.dir={out}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(args[:4])} ... -> {out}", flush=True)
+    with (out / log_name).open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if proc.returncode != 0 or not (out / done).is_file():
+        raise RuntimeError(f"run failed ({proc.returncode}); see {out / log_name}")
+    seconds = time.perf_counter() - start
+    (out / "seconds.txt").write_text(f"{seconds:.1f}\n")
+    return seconds
+
+
+def pretrain(
+    work: Path, name: str, fold: int, extra: Sequence[str] = (), phantom_seed: int = PHANTOM_SEED
+) -> Path:
+    """SimSiam on the training patients of ``fold`` (its validation and test patients stay unseen)."""
+    out = work / "pretrain" / name / f"fold{fold}"
+    run(
+        [
+            "-m",
+            "liverfusion.train",
+            "+experiment=simsiam_pretrain",
+            f"seed={TRAIN_SEED}",
+            f"data.fold={fold}",
+            *base_overrides(work, phantom_seed),
+            *extra,
+        ],
+        out,
+        done="checkpoints/encoder.pt",
+    )
+    return out / "checkpoints" / "encoder.pt"
+
+
+def arms(encoder: str) -> dict[str, list[str]]:
+    """Overrides of every arm; ``encoder`` may hold ``{fold}``, filled per fold."""
+    pre = ["model.init=pretrained", f"model.pretrained.path={encoder}"]
+    probe = ["+experiment=cgc_demo", *pre]
+    finetune = ["+experiment=cgc_finetune", *pre, "callbacks.step_checkpoint=null"]
+    scratch = [
+        "+experiment=cgc_finetune",
+        "model.init=scratch",
+        "model.finetune.encoder_lr_scale=1.0",
+        "callbacks.step_checkpoint=null",
+    ]
+    table = {
+        "cgc_probe": probe,
+        "late_concat_probe": [*probe, "fusion@model.fusion=late_concat"],
+        "late_mean_probe": [*probe, "fusion@model.fusion=late_mean"],
+    }
+    for i, m in enumerate(MODALITIES):
+        table[f"single_{m.replace(' ', '').replace('+', '')}_probe"] = [
+            *probe,
+            "fusion@model.fusion=single",
+            f"model.fusion.modality={i}",
+        ]
+    table["cgc_finetune"] = finetune
+    table["cgc_scratch"] = scratch
+    table["early_scratch"] = [*scratch, "fusion@model.fusion=early"]
+    return table
+
+
+def run_arms(
+    work: Path,
+    table: dict[str, list[str]],
+    folds: Sequence[int],
+    extra: Sequence[str] = (),
+    phantom_seed: int = PHANTOM_SEED,
+    only: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    dirs = {}
+    for name, overrides in table.items():
+        if only and name not in only:
+            continue
+        for fold in folds:
+            out = work / "runs" / name / f"fold{fold}"
+            args = [o.replace("{fold}", str(fold)) for o in overrides]
+            run(
+                [
+                    "-m",
+                    "liverfusion.train",
+                    *args,
+                    f"data.fold={fold}",
+                    f"seed={TRAIN_SEED}",
+                    *base_overrides(work, phantom_seed),
+                    *extra,
+                ],
+                out,
+            )
+        dirs[name] = work / "runs" / name
+    return dirs
+
+
+def paired(dirs: dict[str, Path], pairs: Sequence[tuple[str, str]], metric: str = "macro_f1") -> list[dict]:
+    """Paired bootstrap (and DeLong for binary AUROC) between arms on their pooled test predictions."""
+    from liverfusion.evaluate import compare_predictions
+    from liverfusion.report import find_runs, group_runs, pooled_predictions
+
+    pooled = {}
+    for name, d in dirs.items():
+        (arm,) = group_runs(find_runs(d), name)[:1]
+        pooled[name] = pooled_predictions(arm)[0]
+    out = []
+    for a, b in pairs:
+        if a in pooled and b in pooled:
+            out.append(
+                {"a": a, "b": b, **compare_predictions(pooled[a], pooled[b], metric=metric, n_boot=1000)}
+            )
+    return out
+
+
+def summarise(
+    dirs: dict[str, Path],
+    work: Path,
+    stem: str,
+    title: str,
+    notes: str,
+    embedding: str = "none",
+    pairs: Sequence[tuple[str, str]] | None = None,
+    keys: Sequence[str] = ("macro_f1", "lld_score", "auroc", "balanced_accuracy"),
+    metric: str = "macro_f1",
+) -> str:
+    """Aggregate every arm with liverfusion.report; write results/<stem>.{md,csv,json}; return the markdown."""
+    from liverfusion.report import make_report
+
+    names = list(dirs)
+    res = make_report(
+        [dirs[n] for n in names],
+        work / "report",
+        names=names,
+        metric=metric,
+        n_boot=1000,
+        embedding=embedding,
+        card_template=None,
+    )
+    rows = res["summary"]
+    seconds = {
+        n: [
+            float((p / "seconds.txt").read_text())
+            for p in sorted(dirs[n].glob("fold*"))
+            if (p / "seconds.txt").is_file()
+        ]
+        for n in names
+    }
+    lines = [
+        f"# {title}",
+        "",
+        notes,
+        "",
+        "Mean ± sample std over folds of the test metrics; `ensemble` = the fold models' mean probabilities "
+        "on the test split (pooled out-of-fold predictions for nested CV) with a patient-level bootstrap 95 % CI.",
+        "",
+        "| arm | folds | " + " | ".join(f"{k} (mean ± std)" for k in keys) + f" | {metric} pooled [95 % CI] "
+        "| minutes/run |",
+        "|---|---:|" + "---|" * len(keys) + "---|---:|",
+    ]
+    by = {(r["arm"], r["metric"]): r for r in rows}
+    for n in names:
+        cells = []
+        for k in keys:
+            r = by.get((n, k))
+            cells.append("" if r is None else f"{r['mean']:.3f} ± {r['std']:.3f}")
+        e = by.get((n, metric))
+        ens = "" if e is None else f"{e['pooled']:.3f} [{e['pooled_low']:.3f}, {e['pooled_high']:.3f}]"
+        mins = f"{sum(seconds[n]) / max(1, len(seconds[n])) / 60:.1f}" if seconds[n] else ""
+        lines.append(
+            f"| {n} | {by.get((n, 'macro_f1'), {}).get('n_runs', '')} | "
+            + " | ".join(cells)
+            + f" | {ens} | {mins} |"
+        )
+    comparisons = paired(dirs, pairs if pairs is not None else [(names[0], n) for n in names[1:]], metric)
+    if comparisons:
+        lines += [
+            "",
+            "Paired comparisons on the same test cases (pooled predictions: the fold-model ensemble for a "
+            "fixed test split, out-of-fold for nested CV; paired bootstrap over patients):",
+            "",
+            "| a | b | metric | a | b | delta | 95 % CI | p |",
+            "|---|---|---|---:|---:|---:|---|---:|",
+        ]
+        for c in comparisons:
+            lines.append(
+                f"| {c['a']} | {c['b']} | {c['metric']} | {c['metric_a']:.3f} | {c['metric_b']:.3f} | "
+                f"{c['delta']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | {c['p_value']:.3g} |"
+            )
+            if "delong" in c and "p_value" in c["delong"]:
+                lines[-1] = lines[-1][:-2] + f" (DeLong AUROC p {c['delong']['p_value']:.3g}) |"
+    res["paired"] = comparisons
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.md").write_text(text)
+    shutil.copy(work / "report" / "results.csv", RESULTS / f"{stem}.csv")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", default=str(REPO / ".cache" / "benchmarks" / "fusion_phantom"))
+    parser.add_argument("--only", nargs="*", default=None, help="arm names to run (default: all)")
+    parser.add_argument("--summary-only", action="store_true", help="only aggregate the finished runs")
+    args = parser.parse_args(argv)
+    work = Path(args.work).resolve()
+    for fold in FOLDS:  # pre-training per fold: it never sees that fold's validation or test patients
+        pretrain(work, "mda", fold)
+    encoder = str(work / "pretrain" / "mda" / "fold{fold}" / "checkpoints" / "encoder.pt")
+    table = arms(encoder)
+    if args.summary_only:
+        dirs = {
+            n: work / "runs" / n for n in table if any((work / "runs" / n).glob("fold*/test/summary.json"))
+        }
+    else:
+        dirs = run_arms(work, table, FOLDS, only=args.only)
+    notes = (
+        f"Phantom seed {PHANTOM_SEED} (450 cases, 16x64x64, untuned), split seed 0 (test 20 %, 3 folds), training "
+        f"seed {TRAIN_SEED}; encoder `resnet10_cpu`; SimSiam (MDA, `+experiment=simsiam_pretrain`) pre-trained per "
+        "fold on that fold's training patients. Command: `python benchmarks/fusion_phantom.py`."
+    )
+    print(summarise(dirs, work, "fusion_phantom", "Fusion on the phantom", notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Label efficiency on the phantom: 10 % vs 100 % of the training labels; CGC on the MDA-pretrained encoder vs
+the same network from scratch vs an encoder pre-trained on same-modality pairs (plain SimSiam, no MDA).
+
+    python benchmarks/label_efficiency.py          # resumable; reuses the 100 % runs of fusion_phantom.py
+
+The method's claim: MDA pre-training helps most when labels are few. Protocol as ``fusion_phantom.py`` (phantom
+seed 4242, split seed 0, folds 0-2, training seed 0, pre-training per fold on that fold's training patients);
+``data.label_fraction=0.1`` keeps the labels of a class-stratified 10 % of each fold's training patients (at least
+one per class; validation and test stay fully labelled). Arms:
+- ``mda_probe`` / ``same_probe``: frozen encoder (MDA / same-modality SimSiam) + CGC + head;
+- ``mda_finetune``: MDA encoder fine-tuned (encoder lr x0.1);
+- ``scratch``: the same CGC network trained end to end from random weights.
+Results: ``benchmarks/results/label_efficiency.{md,csv,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from fusion_phantom import FOLDS, PHANTOM_SEED, REPO, TRAIN_SEED, pretrain, run_arms, summarise
+
+FRACTIONS = (0.1, 1.0)
+
+
+def arms(work: Path) -> dict[str, list[str]]:
+    mda = str(work / "pretrain" / "mda" / "fold{fold}" / "checkpoints" / "encoder.pt")
+    same = str(work / "pretrain" / "same" / "fold{fold}" / "checkpoints" / "encoder.pt")
+    probe = ["+experiment=cgc_demo", "model.init=pretrained"]
+    tune = ["+experiment=cgc_finetune", "callbacks.step_checkpoint=null"]
+    return {
+        "mda_probe": [*probe, f"model.pretrained.path={mda}"],
+        "same_probe": [*probe, f"model.pretrained.path={same}"],
+        "mda_finetune": [*tune, "model.init=pretrained", f"model.pretrained.path={mda}"],
+        "scratch": [*tune, "model.init=scratch", "model.finetune.encoder_lr_scale=1.0"],
+    }
+
+
+# the 100 % runs that fusion_phantom.py already made with identical settings
+REUSE = {"mda_probe": "cgc_probe", "mda_finetune": "cgc_finetune", "scratch": "cgc_scratch"}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--work",
+        default=str(REPO / ".cache" / "benchmarks" / "fusion_phantom"),
+        help="shared with fusion_phantom.py (phantom, encoders, 100 % runs)",
+    )
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args(argv)
+    work = Path(args.work).resolve()
+    for fold in FOLDS:
+        pretrain(work, "mda", fold)
+        pretrain(work, "same", fold, extra=["data.pairs.policy=same", "task_name=simsiam_same_modality"])
+    table = arms(work)
+    dirs: dict[str, Path] = {}
+    for frac in FRACTIONS:
+        tag = f"labels{int(frac * 100)}"
+        sub = {}
+        for name, overrides in table.items():
+            reused = work / "runs" / REUSE.get(name, "")
+            if (
+                frac == 1.0
+                and name in REUSE
+                and all((reused / f"fold{f}" / "test" / "summary.json").is_file() for f in FOLDS)
+            ):
+                dirs[f"{name}@{tag}"] = reused
+                continue
+            sub[f"{name}@{tag}"] = [*overrides, f"data.label_fraction={frac}"]
+        lw = work / "label_efficiency"
+        dirs.update(run_arms(lw, sub, FOLDS, only=[f"{o}@{tag}" for o in args.only] if args.only else None))
+    # run_arms writes under <lw>/runs; reused 100 % runs stay where fusion_phantom.py put them
+    notes = (
+        f"Phantom seed {PHANTOM_SEED} (450 cases, untuned), split seed 0, folds {list(FOLDS)}, training seed "
+        f"{TRAIN_SEED}. 10 %: `data.label_fraction=0.1` (class-stratified share of each fold's training patients, "
+        "at least one per class; validation/test fully labelled). Encoders pre-trained per fold on the fold's "
+        "training patients: MDA (`+experiment=simsiam_pretrain`, cross-phase pairs) and same-modality "
+        "(`data.pairs.policy=same`). Command: `python benchmarks/label_efficiency.py`."
+    )
+    order = [f"{a}@labels{int(f * 100)}" for f in FRACTIONS for a in table]
+    dirs = {k: dirs[k] for k in order if k in dirs}
+    pairs = [
+        (f"mda_probe@{t}", f"{b}@{t}") for t in ("labels10", "labels100") for b in ("scratch", "same_probe")
+    ]
+    pairs += [(f"mda_finetune@{t}", f"scratch@{t}") for t in ("labels10", "labels100")]
+    print(
+        summarise(
+            dirs,
+            work / "label_efficiency",
+            "label_efficiency",
+            "Label efficiency on the phantom",
+            notes,
+            embedding="tsne",
+            pairs=pairs,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

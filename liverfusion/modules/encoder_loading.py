@@ -1,0 +1,374 @@
+"""Load a pre-trained encoder into a classifier: from ``encoder.pt`` (the SimSiam export) or a Lightning checkpoint.
+
+Strict about what would silently ruin a fine-tune, lenient about what is by design:
+
+* refused (``CheckpointError``): another architecture (``Encoder.config()`` differs), another number of input
+  channels (e.g. a shared 1-channel encoder into the ``early`` baseline), another intensity normalisation than the
+  classifier's data, and missing, unexpected or mis-shaped weight keys (all listed);
+* warned: another modality set (the encoder is modality-agnostic: pre-training on a union or a disjoint pool is
+  the point), another preprocessing size or resampling mode (convolutions do not care about the crop size).
+
+Files are always read with ``torch.load(weights_only=True)``. Lightning checkpoints written with OmegaConf objects
+in their hyper-parameters are read with exactly those OmegaConf container classes allow-listed (still no arbitrary
+code).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import typing
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from liverfusion.errors import CheckpointError
+from liverfusion.models.encoder_base import Encoder, plain
+from liverfusion.models.encoder_factory import encoder_config_diff
+
+log = logging.getLogger(__name__)
+
+ENCODER_FORMAT = "liverfusion-encoder/1"
+LIGHTNING_PREFIX = "encoder."
+# Preprocessing keys that change what an intensity means to the network: a mismatch is refused.
+NORMALISATION_KEYS = ("normalize", "percentiles", "nonzero")
+# Keys whose mismatch is allowed with a warning (geometry only).
+GEOMETRY_KEYS = ("shape", "mode", "target_spacing", "interpolation")
+# Encoder config keys that only say where weights came from, not what the network is.
+_PROVENANCE_KEYS = ("pretrained", "weights_path")
+
+
+class EncoderModalityWarning(UserWarning):
+    """The encoder was pre-trained on another modality set (allowed: the encoder is modality-agnostic)."""
+
+
+@dataclass
+class EncoderFile:
+    """What a weight file says about the encoder it holds."""
+
+    path: Path
+    kind: str  # "encoder.pt" | "lightning"
+    state_dict: dict[str, torch.Tensor]
+    encoder_config: dict[str, Any] | None
+    modalities: list[str] | None
+    preprocess: dict[str, Any] | None
+    input_shape: list[int] | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    """What happened when the weights were loaded; stored in every classifier checkpoint."""
+
+    path: str
+    kind: str
+    loaded_keys: int
+    missing: list[str]
+    unexpected: list[str]
+    warnings: list[str]
+    source: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return plain(
+            {
+                "path": self.path,
+                "kind": self.kind,
+                "loaded_keys": self.loaded_keys,
+                "missing": self.missing,
+                "unexpected": self.unexpected,
+                "warnings": self.warnings,
+                "source": self.source,
+            }
+        )
+
+
+def _omegaconf_globals() -> list[Any]:
+    """The classes a pickled OmegaConf container needs; nothing that executes code on load."""
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import AnyNode
+
+    # the builtin types appear as type references (a node's ref_type / key_type), not as calls
+    return [
+        DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,
+        typing.Any,
+        collections.defaultdict,
+        dict,
+        list,
+        int,
+        float,
+        str,
+        bool,
+    ]
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` on CPU; a clear CheckpointError for a missing or unreadable file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or corrupt files
+        if "omegaconf" not in str(first):
+            raise CheckpointError(
+                f"{path}: cannot be read with torch.load(weights_only=True): {first}"
+            ) from None
+    try:
+        with torch.serialization.safe_globals(_omegaconf_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): {exc}") from None
+
+
+def _config_beside(path: Path) -> dict[str, Any] | None:
+    """A Lightning checkpoint from ``train`` sits in <run>/checkpoints/: its run's resolved config has the encoder."""
+    for parent in (path.parent.parent, path.parent):
+        cfg_file = parent / "config_resolved.yaml"
+        if cfg_file.is_file():
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.load(cfg_file)
+            enc = OmegaConf.select(cfg, "model.encoder")
+            if enc is not None:
+                from liverfusion.models.encoder_factory import build_encoder
+
+                enc = plain(OmegaConf.to_container(enc, resolve=False))
+                args = {k: v for k, v in enc.items() if not k.startswith("_") and k not in _PROVENANCE_KEYS}
+                try:  # build it: the live config fills the defaults (null shortcut -> the arch's own)
+                    return build_encoder(**args).config()
+                except Exception as exc:
+                    log.warning("%s: encoder config could not be rebuilt (%s)", cfg_file, exc)
+    return None
+
+
+def read_encoder_file(path: str | Path) -> EncoderFile:
+    """Read ``encoder.pt`` or a Lightning checkpoint of an SSL run (encoder weights under ``encoder.``)."""
+    path = Path(path).expanduser()
+    obj = safe_load(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+    if obj.get("format") == ENCODER_FORMAT:
+        state = obj.get("state_dict")
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{path}: encoder file without a state_dict")
+        meta = {k: plain(v) for k, v in obj.items() if k not in ("state_dict",)}
+        return EncoderFile(
+            path=path,
+            kind="encoder.pt",
+            state_dict=dict(state),
+            encoder_config=plain(obj.get("encoder_config")),
+            modalities=plain(obj.get("modalities")),
+            preprocess=plain(obj.get("preprocess")),
+            input_shape=plain(obj.get("input_shape")),
+            meta=meta,
+        )
+    if "state_dict" in obj and "pytorch-lightning_version" in obj:
+        if obj.get("liverfusion", {}).get("format", "").startswith("liverfusion-classifier"):
+            prefix = "net.encoder."
+        else:
+            prefix = LIGHTNING_PREFIX
+        state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            heads = sorted({k.split(".")[0] for k in obj["state_dict"]})
+            raise CheckpointError(
+                f"{path}: Lightning checkpoint has no weights under {prefix!r} (top-level modules: {heads}); "
+                "is it a liverfusion SSL or classifier checkpoint?"
+            )
+        hp = plain(obj.get("hyper_parameters") or {})
+        lf = plain(obj.get("liverfusion") or {})
+        spec = lf or hp.get("data_spec") or {}
+        enc_cfg = lf.get("encoder_config") or hp.get("encoder_config") or _config_beside(path)
+        return EncoderFile(
+            path=path,
+            kind="lightning",
+            state_dict=state,
+            encoder_config=enc_cfg,
+            modalities=spec.get("modalities"),
+            preprocess=spec.get("preprocess"),
+            input_shape=spec.get("input_shape"),
+            meta={
+                "epoch": obj.get("epoch"),
+                "global_step": obj.get("global_step"),
+                "dataset": spec.get("dataset"),
+            },
+        )
+    keys = sorted(obj)[:10]
+    raise CheckpointError(
+        f"{path}: neither an encoder export (format {ENCODER_FORMAT!r}) nor a Lightning checkpoint; keys: {keys}"
+    )
+
+
+def _check_architecture(file: EncoderFile, encoder: Encoder) -> list[str]:
+    """Refuse another architecture / channel count; return notes when only tensor shapes could be compared."""
+    notes: list[str] = []
+    want = encoder.config()
+    found = file.encoder_config
+    found_in = (found or {}).get("in_channels")
+    if found is None:
+        stem = next((v for k, v in file.state_dict.items() if k.endswith("conv1.weight")), None)
+        found_in = int(stem.shape[1]) if stem is not None and stem.ndim >= 3 else None
+        notes.append(
+            f"{file.path}: no encoder config recorded; architecture checked by weight names and shapes"
+        )
+    if found_in is not None and int(found_in) != int(encoder.in_channels):
+        raise CheckpointError(
+            f"{file.path}: the encoder was trained with in_channels={found_in} but this classifier needs "
+            f"in_channels={encoder.in_channels} (the shared encoder reads 1 modality per pass; the early-fusion "
+            "baseline stacks all modalities as channels): these weights cannot initialise it"
+        )
+    if found is not None:
+        diffs = encoder_config_diff(
+            {k: v for k, v in want.items() if k not in _PROVENANCE_KEYS},
+            {k: v for k, v in found.items() if k not in _PROVENANCE_KEYS},
+        )
+        if diffs:
+            raise CheckpointError(
+                f"{file.path}: encoder architecture differs from the classifier's encoder config: "
+                + "; ".join(diffs)
+                + " (pick the matching encoder preset, e.g. model/encoder=<name>, or another file)"
+            )
+    return notes
+
+
+def _check_preprocess(
+    file: EncoderFile, data_spec: Mapping[str, Any], strict_normalization: bool
+) -> list[str]:
+    notes: list[str] = []
+    ours = plain(data_spec.get("preprocess") or {})
+    theirs = plain(file.preprocess or {})
+    if not theirs:
+        notes.append(f"{file.path}: no preprocessing recorded; normalisation could not be checked")
+        return notes
+    norm_diff = [
+        f"{k}: encoder {theirs.get(k)!r} vs data {ours.get(k)!r}"
+        for k in NORMALISATION_KEYS
+        if k in theirs and k in ours and theirs[k] != ours[k]
+    ]
+    if norm_diff:
+        msg = (
+            f"{file.path}: intensity normalisation differs from the data the classifier reads ("
+            + "; ".join(norm_diff)
+            + "): set data.preprocess to the encoder's values"
+        )
+        if strict_normalization:
+            raise CheckpointError(msg + " (or model.pretrained.strict_normalization=false to accept it)")
+        notes.append(msg)
+    geo_diff = [
+        f"{k}: encoder {theirs.get(k)!r} vs data {ours.get(k)!r}"
+        for k in GEOMETRY_KEYS
+        if k in theirs and k in ours and theirs[k] != ours[k]
+    ]
+    if geo_diff:
+        notes.append(f"{file.path}: pre-trained on other geometry (" + "; ".join(geo_diff) + ")")
+    return notes
+
+
+def _check_modalities(file: EncoderFile, modalities: list[str]) -> list[str]:
+    if not file.modalities:
+        return []
+    theirs, ours = list(file.modalities), list(modalities)
+    if set(theirs) == set(ours):
+        return []
+    only_ours = [m for m in ours if m not in theirs]
+    only_theirs = [m for m in theirs if m not in ours]
+    msg = (
+        f"{file.path}: encoder pre-trained on modalities {theirs}, classifier uses {ours}"
+        + (f" (never seen in pre-training: {only_ours})" if only_ours else "")
+        + (f" (pre-training only: {only_theirs})" if only_theirs else "")
+        + "; accepted because the encoder is shared by all modalities"
+    )
+    warnings.warn(msg, EncoderModalityWarning, stacklevel=3)
+    return [msg]
+
+
+def _key_report(
+    state: Mapping[str, torch.Tensor], module: nn.Module
+) -> tuple[list[str], list[str], list[str]]:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    return missing, unexpected, mis_shaped
+
+
+def _listing(label: str, keys: list[str]) -> str:
+    more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+    return f"{label} {len(keys)}: {', '.join(keys[:8])}{more}"
+
+
+def load_pretrained_encoder(
+    encoder: Encoder,
+    path: str | Path,
+    data_spec: Mapping[str, Any] | None = None,
+    strict_normalization: bool = True,
+    strict_keys: bool = True,
+) -> LoadReport:
+    """Check ``path`` against ``encoder`` and the classifier's data, then load its weights (in place).
+
+    Raises CheckpointError for another architecture, channel count or normalisation, and for mis-shaped keys;
+    missing or unexpected keys are refused too unless ``strict_keys=False``, which loads the matching ones and
+    lists the rest in the report. A different modality set gives an :class:`EncoderModalityWarning`.
+    """
+    data_spec = dict(data_spec or {})
+    file = read_encoder_file(path)
+    notes = _check_architecture(file, encoder)
+    notes += _check_preprocess(file, data_spec, strict_normalization)
+    notes += _check_modalities(file, list(data_spec.get("modalities") or []))
+    state = {k.removeprefix("module."): v for k, v in file.state_dict.items()}
+    missing, unexpected, mis_shaped = _key_report(state, encoder)
+    if mis_shaped or (strict_keys and (missing or unexpected)):
+        parts = [
+            _listing(label, keys)
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", mis_shaped),
+            )
+            if keys
+        ]
+        raise CheckpointError(
+            f"{file.path}: weights do not fit the encoder; "
+            + "; ".join(parts)
+            + ("" if mis_shaped else " (model.pretrained.strict_keys=false loads the matching keys only)")
+        )
+    if missing or unexpected:
+        notes.append(
+            f"{file.path}: partial load; "
+            + "; ".join(
+                _listing(lbl, k) for lbl, k in (("missing", missing), ("unexpected", unexpected)) if k
+            )
+        )
+        state = {k: v for k, v in state.items() if k not in unexpected}
+    encoder.load_state_dict(state, strict=not (missing or unexpected))
+    for note in notes:
+        log.warning(note)
+    source = {
+        k: v for k, v in file.meta.items() if k in ("dataset", "method", "seed", "epochs", "global_step")
+    }
+    source.update(
+        {"modalities": file.modalities, "preprocess": file.preprocess, "input_shape": file.input_shape}
+    )
+    log.info("encoder weights loaded from %s (%s, %d tensors)", file.path, file.kind, len(state))
+    return LoadReport(
+        path=str(file.path),
+        kind=file.kind,
+        loaded_keys=len(state),
+        missing=missing,
+        unexpected=unexpected,
+        warnings=notes,
+        source=plain(source),
+    )
