@@ -129,8 +129,25 @@ def find_runs(root: str | Path) -> list[Run]:
 
 
 def _is_replicate(override: str) -> bool:
-    key = override.lstrip("+~").split("=", 1)[0]
-    return key in REPLICATE_KEYS
+    return _key(override) in REPLICATE_KEYS
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _fold_bound_keys(runs: Sequence[Run]) -> set[str]:
+    """Override keys whose value is fixed by the fold (e.g. a per-fold encoder path): replicates, not arms."""
+    values: dict[str, dict[Any, set[str]]] = {}
+    for r in runs:
+        for o in r.overrides or []:
+            values.setdefault(_key(o), {}).setdefault(r.fold, set()).add(o)
+    bound = set()
+    for key, by_fold in values.items():
+        varies = len(set().union(*by_fold.values())) > 1
+        if varies and None not in by_fold and all(len(v) == 1 for v in by_fold.values()):
+            bound.add(key)
+    return bound
 
 
 def _descriptor(run: Run) -> str:
@@ -148,7 +165,10 @@ def group_runs(runs: Sequence[Run], label: str) -> list[Arm]:
         return []
     keys: list[tuple[str, ...]] = []
     if all(r.overrides is not None for r in runs):
-        sets = [tuple(o for o in r.overrides if not _is_replicate(o)) for r in runs]
+        fold_bound = _fold_bound_keys(runs)
+        sets = [
+            tuple(o for o in r.overrides if not _is_replicate(o) and _key(o) not in fold_bound) for r in runs
+        ]
         common = set(sets[0]).intersection(*map(set, sets[1:]))
         keys = [tuple(o for o in s if o not in common) for s in sets]
     else:

@@ -59,7 +59,14 @@ def fake_run(path, fold, init, cases, skill, seed, overrides=True):
     if overrides:
         (path / ".hydra").mkdir()
         (path / ".hydra" / "overrides.yaml").write_text(
-            yaml.safe_dump(["+experiment=cgc_finetune", f"model.init={init}", f"data.fold={fold}"])
+            yaml.safe_dump(
+                [
+                    "+experiment=cgc_finetune",
+                    f"model.init={init}",
+                    f"data.fold={fold}",
+                    f"model.pretrained.path=/pre/fold{fold}/encoder.pt",  # per-fold: a replicate, not an arm
+                ]
+            )
         )
     return metrics
 
