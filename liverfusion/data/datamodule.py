@@ -256,7 +256,7 @@ class _FeatureCachedView(Dataset):
             return self.base[index]
         e = self.entries[index]
         return {
-            "image": torch.zeros(len(e.present), 1, 1, 1),  # placeholder: the model reads its feature cache
+            "image": torch.zeros(len(e.present), 1, 1, 1),  # no volume: the model reads its feature cache
             "present": torch.tensor(e.present, dtype=torch.bool),
             "label": -1 if e.label is None else int(e.label),
             "case_id": e.case_id,

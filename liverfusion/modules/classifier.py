@@ -321,11 +321,11 @@ class FusionClassifier(L.LightningModule):
                     return self.net.encode(x, present)
             return self.net.encode(x, present)
         ids = list(batch["case_id"])
-        todo = [i for i, c in enumerate(ids) if (kind, c) not in self._cache]
-        if todo:
+        uncached = [i for i, c in enumerate(ids) if (kind, c) not in self._cache]
+        if uncached:
             with torch.no_grad():
-                enc = self.net.encode(x[todo], present[todo])
-            for j, i in enumerate(todo):
+                enc = self.net.encode(x[uncached], present[uncached])
+            for j, i in enumerate(uncached):
                 self._cache[(kind, ids[i])] = (enc.pooled[j].detach().cpu(), enc.maps[j].detach().cpu())
         pooled = torch.stack([self._cache[(kind, c)][0] for c in ids]).to(x.device)
         maps = torch.stack([self._cache[(kind, c)][1] for c in ids]).to(x.device)
