@@ -6,6 +6,8 @@ Arms, each over several seeds, all at the demo budget (``+experiment=simsiam_pre
 - ``random``: the same encoder, randomly initialised, not trained;
 - ``mixed`` (optional): cross pairs with probability 0.5, else same-modality pairs;
 - ``cross_paper_lr`` (optional): cross with the paper's base lr 0.05 instead of the demo's 0.5;
+- ``cross_spatial`` / ``same_spatial`` (optional): cross / same pairs with spatial augmentation only
+  (``augment=mda_spatial``: no intensity transforms);
 - ``random_bn`` (optional, a diagnostic): the random encoder with its BatchNorm statistics re-estimated on the
   pre-training volumes (no gradient step): how much of a gain is mere BN calibration.
 
@@ -39,7 +41,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ARMS = ("cross", "same", "random", "mixed", "random_bn", "cross_paper_lr")
+ARMS = ("cross", "same", "random", "mixed", "random_bn", "cross_paper_lr", "cross_spatial", "same_spatial")
 DEFAULT_ARMS = ("cross", "same", "random")
 
 
@@ -73,10 +75,11 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def arm_overrides(arm: str, seed: int) -> list[str]:
-    policy = {"cross": "cross", "same": "same", "random": "cross", "mixed": "mixed", "random_bn": "cross"}[
-        arm
-    ]
-    return [f"seed={seed}", f"data.pairs.policy={policy}"]
+    policy = {"same": "same", "mixed": "mixed"}.get(arm, "cross")
+    extra = ["model.optimizer.base_lr=0.05"] if arm == "cross_paper_lr" else []
+    if arm.endswith("_spatial"):  # spatial augmentation only: the views keep each phase's intensities
+        extra.append("augment=mda_spatial")
+    return [f"seed={seed}", f"data.pairs.policy={policy}", *extra]
 
 
 def settings_key(args: argparse.Namespace) -> str:
@@ -191,6 +194,7 @@ def evaluate(args: argparse.Namespace, arm: str, seed: int, encoder_path: str | 
     query, query_y = encode_loader(encoder, loader(query_entries), channels_last)
     k, temperature = int(cfg.model.knn.k), float(cfg.model.knn.temperature)
     scores = knn_scores(bank, bank_y, query, query_y, dm.num_classes, k, temperature)
+    invariance = phase_invariance(query, len(dm.modalities))
     d = int(cfg.model.projector.out_dim)
     return {
         "knn_f1": scores["f1"],
@@ -200,15 +204,43 @@ def evaluate(args: argparse.Namespace, arm: str, seed: int, encoder_path: str | 
         "k": k,
         "z_dim": d,
         "z_std_threshold": 0.5 / math.sqrt(d),
+        **invariance,
     }
+
+
+def phase_invariance(feats, n_modalities: int) -> dict[str, float]:
+    """How alike an encoder makes the phases of one case, against the same phase of different cases.
+
+    ``phase_cos``: mean cosine between two different phases of the same case; ``case_cos``: mean cosine between
+    the same phase of two different cases (features centred first). A phase-invariant encoder (what cross-modality pairs teach) drives
+    ``phase_cos`` towards 1 and above ``case_cos``; the concatenated phases then repeat one another.
+    """
+    import torch
+
+    x = feats.reshape(feats.shape[0], n_modalities, -1)  # (N, M, F)
+    # centred on the mean feature of all (case, phase) pairs, then unit length: ReLU features share a large
+    # common component that would put every cosine near 1
+    x = torch.nn.functional.normalize(x - x.mean(dim=(0, 1), keepdim=True), dim=-1)
+    m = n_modalities
+    within = torch.einsum("nif,njf->nij", x, x)
+    phase_cos = (within.sum((1, 2)) - within.diagonal(dim1=1, dim2=2).sum(1)) / (m * (m - 1))
+    n = x.shape[0]
+    across = torch.einsum("imf,jmf->mij", x, x)
+    case_cos = (across.sum((1, 2)) - across.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
+    return {"phase_cos": float(phase_cos.mean()), "case_cos": float(case_cos.mean())}
 
 
 def summarise(results: dict[str, Any], key: str, arms: list[str], seeds: list[int]) -> str:
     lines = [
-        "| arm | kNN macro-F1 (mean +- std) | per seed | final z_std (threshold) | train s |",
-        "|---|---|---|---|---|",
+        "| arm | kNN macro-F1 (mean +- std) | per seed | final z_std (threshold) | phase cos | case cos | train s |",
+        "|---|---|---|---|---|---|---|",
     ]
     means = {}
+
+    def mean_of(runs: list[dict[str, Any]], field: str, fmt: str = ".3f") -> str:
+        values = [r[field] for r in runs if r.get(field) is not None]
+        return format(statistics.mean(values), fmt) if values else "-"
+
     for arm in arms:
         runs = [results["runs"].get(f"{key}/{arm}/seed{s}") for s in seeds]
         runs = [r for r in runs if r]
@@ -219,12 +251,9 @@ def summarise(results: dict[str, Any], key: str, arms: list[str], seeds: list[in
         sd = statistics.stdev(f1) if len(f1) > 1 else 0.0
         z = [r["z_std_per_epoch"][-1] for r in runs if r.get("z_std_per_epoch")]
         z_text = f"{min(z):.4f}..{max(z):.4f} ({runs[0]['z_std_threshold']:.4f})" if z else "-"
-        secs = [r["train_seconds"] for r in runs if r.get("train_seconds")]
         lines.append(
             f"| {arm} | {means[arm]:.1f} +- {sd:.1f} | {', '.join(f'{v:.1f}' for v in f1)} | {z_text} | "
-            f"{statistics.mean(secs):.0f} |"
-            if secs
-            else f"| {arm} | {means[arm]:.1f} +- {sd:.1f} | {', '.join(f'{v:.1f}' for v in f1)} | {z_text} | - |"
+            f"{mean_of(runs, 'phase_cos')} | {mean_of(runs, 'case_cos')} | {mean_of(runs, 'train_seconds', '.0f')} |"
         )
     if "cross" in means and "random" in means:
         gain = means["cross"] - means["random"]

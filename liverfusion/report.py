@@ -384,7 +384,9 @@ def make_report(
     if card is not None:
         atomic_write_text(out / "model_card.md", card)
     if wandb_mode != "off":
-        _to_wandb(out, rows, comparisons, figures, wandb_mode)
+        # a run trained with privacy on (clinical data): no image of it leaves the machine through W&B
+        private = any(bool(r.config.get("privacy")) for a in arms for r in a.runs)
+        _to_wandb(out, rows, comparisons, figures, wandb_mode, privacy=private)
     return {"summary": rows, "comparisons": comparisons, "arms": [a.name for a in arms]}
 
 
@@ -541,7 +543,10 @@ def fill_model_card(
     return string.Template(path.read_text()).safe_substitute(values)
 
 
-def _to_wandb(out: Path, rows, comparisons, figures: Mapping[str, Path], mode: str) -> None:
+def _to_wandb(
+    out: Path, rows, comparisons, figures: Mapping[str, Path], mode: str, privacy: bool = False
+) -> None:
+    """The tables (per-arm metrics, comparisons: no case ids) and, unless ``privacy``, the figures."""
     import wandb
 
     run = wandb.init(
@@ -564,7 +569,10 @@ def _to_wandb(out: Path, rows, comparisons, figures: Mapping[str, Path], mode: s
                     )
                 }
             )
-        run.log({name: wandb.Image(str(p)) for name, p in figures.items()})
+        if privacy:
+            log.info("privacy: report figures not logged to W&B (they stay in %s)", out)
+        else:
+            run.log({name: wandb.Image(str(p)) for name, p in figures.items()})
     finally:
         wandb.finish()
 

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from liverfusion.errors import LiverfusionError
+from liverfusion.errors import ConfigError, LiverfusionError
 from liverfusion.utils.atomic import atomic_write_text
 from liverfusion.utils.hydra_utils import (
     apply_extras,
@@ -27,6 +27,7 @@ from liverfusion.utils.hydra_utils import (
     instantiate_group,
     save_resolved_config,
 )
+from liverfusion.utils.privacy import ids_in_text, without_secrets
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if cfg.get("compile"):
             model = torch.compile(model)
         callbacks = instantiate_group(cfg.get("callbacks"))
+        if cfg.get("privacy"):
+            if _wandb_configs(cfg):
+                _check_public_names(cfg, datamodule)
+            _quiet_wandb_console(cfg)
+            for cb in callbacks:  # privacy: no image leaves the machine, whatever a callback was told
+                if hasattr(cb, "log_images"):
+                    cb.log_images = False
         loggers = instantiate_group(cfg.get("logger"))
         if not loggers:  # nothing to log lr into (logger=none, debug=fast)
             callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
         for lg in loggers:
             if hasattr(lg, "log_hyperparams"):
-                params = OmegaConf.to_container(cfg, resolve=True)
-                params.pop("privacy_salt", None)  # the salt would let anyone re-identify hashed ids
-                lg.log_hyperparams(params)
+                # the salt (privacy_salt, callbacks.*.salt) would let anyone re-identify hashed ids
+                lg.log_hyperparams(without_secrets(OmegaConf.to_container(cfg, resolve=True)))
             if isinstance(lg, WandbLogger):  # resume continues the same run id (online)
                 atomic_write_text(output_dir / "wandb_run_id.txt", str(lg.experiment.id))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -90,6 +97,52 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finally:
         close_loggers()
     return metrics, objects
+
+
+def _public_names(cfg: DictConfig) -> list[str]:
+    """What names a run outside the machine: run name, task, tags and the loggers' name/group/tags/job type."""
+    texts = [str(cfg.get("run_name", "")), str(cfg.get("task_name", "")), *map(str, cfg.get("tags") or [])]
+    for sub in (cfg.get("logger") or {}).values():
+        if isinstance(sub, DictConfig):
+            texts += [str(sub.get(k) or "") for k in ("name", "group", "job_type", "notes")]
+            texts += [str(t) for t in (sub.get("tags") or [])]
+    return texts
+
+
+def _check_public_names(cfg: DictConfig, datamodule: Any) -> None:
+    """Privacy: refuse a run whose W&B name, group or tags contain a case or patient id of the data set."""
+    layout = getattr(datamodule, "layout", None)
+    if layout is None:
+        return
+    try:
+        cases = layout.scan()
+    except (LiverfusionError, OSError) as err:  # not there yet (phantom generated on first use)
+        log.debug("privacy: run names not checked against case ids (%s)", err)
+        return
+    found = ids_in_text(_public_names(cfg), [c.case_id for c in cases] + [c.patient_id for c in cases])
+    if found:
+        raise ConfigError(
+            f"privacy is on but the run name / group / tags contain {len(found)} case or patient id(s) "
+            f"({', '.join(found[:3])}): they would reach W&B; rename the run (run_name, tags)"
+        )
+
+
+def _wandb_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The W&B logger entries of the logger group (none: nothing leaves the machine through W&B)."""
+    return [
+        sub
+        for sub in (cfg.get("logger") or {}).values()
+        if isinstance(sub, DictConfig) and str(sub.get("_target_", "")).endswith("WandbLogger")
+    ]
+
+
+def _quiet_wandb_console(cfg: DictConfig) -> None:
+    """Privacy: W&B does not capture the console (``output.log`` would carry case ids of warnings to W&B)."""
+    for sub in _wandb_configs(cfg):
+        with open_dict(sub):
+            settings = dict(OmegaConf.to_container(sub.get("settings") or OmegaConf.create({})))
+            sub.settings = {**settings, "console": "off"}
+            sub._convert_ = "all"  # wandb.init takes a plain dict as settings, not a DictConfig
 
 
 def _has_best(trainer: L.Trainer) -> bool:

@@ -13,6 +13,8 @@ modality names and order, class names, input shape, preprocessing, evaluation cr
 so ``python -m liverfusion.evaluate`` never depends on the user's memory of the training config.
 The test split is touched once: ``test_step`` collects predictions and ``on_test_epoch_end`` writes them with
 bootstrap confidence intervals, the robustness table (each modality dropped in turn) and the features.
+W&B dashboards (confusion matrix, ROC, per-class and prediction tables, the model artifact) are logged by
+``liverfusion.callbacks.WandbClassifierLogger``, not here.
 """
 
 from __future__ import annotations
@@ -213,6 +215,7 @@ class FusionClassifier(L.LightningModule):
         self._cache_on = False
         self._test_records: list[dict[str, Any]] = []
         self.test_summary: dict[str, Any] | None = None
+        self.test_predictions: Any = None  # the last test loop's PredictionSet
         self.save_hyperparameters(
             plain(
                 {
@@ -375,13 +378,15 @@ class FusionClassifier(L.LightningModule):
         if self._cache_on and hasattr(dm, "features_cached"):
             dm.features_cached(part, {c for k, c in self._cache if k == kind})
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         labels = torch.as_tensor(batch["label"], device=self.device)
         logits = self.fuse(self.encode(batch, "eval"), batch["present"]).logits
         self.log(
             "val/loss", self._loss(logits, labels), on_epoch=True, batch_size=labels.shape[0], sync_dist=True
         )
-        self.val_metrics.update(logits.float().softmax(dim=1), labels)
+        probs = logits.float().softmax(dim=1)
+        self.val_metrics.update(probs, labels)
+        return {"probs": probs.detach()}  # for callbacks (W&B confusion matrix / ROC)
 
     def on_validation_epoch_end(self) -> None:
         with warnings.catch_warnings():
@@ -435,37 +440,10 @@ class FusionClassifier(L.LightningModule):
                 extra=self.run_summary(),
             )
         self.test_summary = summary
-        if self.trainer.is_global_zero and self.eval_cfg["write"]:
-            self._log_wandb_tables(Path(self.trainer.default_root_dir) / "test")
+        self.test_predictions = preds  # W&B tables: liverfusion.callbacks.WandbClassifierLogger
         point = preds.point_metrics(threshold=float(self.eval_cfg["threshold"]))
         headline = {k: v for k, v in point.items() if k in HEADLINE_METRICS or k.startswith("binary/")}
         self.log_dict({f"test/{k}": float(v) for k, v in headline.items() if np.isfinite(v)}, sync_dist=False)
-
-    def _log_wandb_tables(self, out_dir: Path) -> None:
-        """With a W&B logger: the test metrics with CIs and the robustness table as W&B tables."""
-        from lightning.pytorch.loggers import WandbLogger
-
-        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
-        if not loggers:
-            return
-        import csv
-        import json
-
-        import wandb
-
-        tables = {}
-        if (out_dir / "metrics.json").is_file():
-            metrics = json.loads((out_dir / "metrics.json").read_text())
-            rows = [[k, v["point"], v["low"], v["high"]] for k, v in metrics.items()]
-            tables["test/metrics_ci"] = wandb.Table(
-                columns=["metric", "value", "ci_low", "ci_high"], data=rows
-            )
-        if (out_dir / "robustness.csv").is_file():
-            with (out_dir / "robustness.csv").open() as f:
-                rows = list(csv.reader(f))
-            tables["test/robustness"] = wandb.Table(columns=rows[0], data=rows[1:])
-        for lg in loggers:
-            lg.experiment.log(tables)
 
     def run_summary(self) -> dict[str, Any]:
         """What a report needs to know about this run besides its predictions."""
