@@ -75,7 +75,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def arm_overrides(arm: str, seed: int) -> list[str]:
-    policy = {"same": "same", "mixed": "mixed"}.get(arm, "cross")
+    policy = next((p for p in ("same", "mixed") if arm == p or arm.startswith(f"{p}_")), "cross")
     extra = ["model.optimizer.base_lr=0.05"] if arm == "cross_paper_lr" else []
     if arm.endswith("_spatial"):  # spatial augmentation only: the views keep each phase's intensities
         extra.append("augment=mda_spatial")

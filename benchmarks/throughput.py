@@ -168,6 +168,9 @@ def plain_arm(cfg, dm, steps: int, warmup: int) -> tuple[float, float, list[floa
 
     from hydra.utils import instantiate
 
+    # a Lightning arm run before leaves its finished trainer on the datamodule (trainer.training is then False),
+    # and MDADataModule.on_after_batch_transfer would skip the batched augmentation: the plain loop runs without one
+    dm.trainer = None
     model = instantiate(cfg.model, data_spec=dm.data_spec())
     model._trainer = SimpleNamespace(
         estimated_stepping_batches=steps, datamodule=dm, world_size=1, accumulate_grad_batches=1

@@ -30,6 +30,7 @@ from liverfusion.utils.hydra_utils import (
 from liverfusion.utils.privacy import ids_in_text, without_secrets
 
 log = logging.getLogger(__name__)
+PUBLIC_DEFAULT_SALT = "liverfusion"  # conf/train.yaml's fallback when LIVERFUSION_PRIVACY_SALT is unset
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -65,6 +66,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if cfg.get("privacy"):
             if _wandb_configs(cfg):
                 _check_public_names(cfg, datamodule)
+                if str(cfg.get("privacy_salt")) == PUBLIC_DEFAULT_SALT:
+                    log.warning(
+                        "privacy is on with the salt shipped in conf/train.yaml: anyone can re-hash candidate ids; "
+                        "set LIVERFUSION_PRIVACY_SALT to a secret (the same one for every run of a study)"
+                    )
             _quiet_wandb_console(cfg)
             for cb in callbacks:  # privacy: no image leaves the machine, whatever a callback was told
                 if hasattr(cb, "log_images"):
