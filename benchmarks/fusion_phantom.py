@@ -130,6 +130,8 @@ def run_arms(
     dirs = {}
     for name, overrides in table.items():
         if only and name not in only:
+            if any((work / "runs" / name).glob("fold*/test/summary.json")):
+                dirs[name] = work / "runs" / name  # finished before: it stays in the summary
             continue
         for fold in folds:
             out = work / "runs" / name / f"fold{fold}"
