@@ -126,7 +126,11 @@ def run_arms(
     extra: Sequence[str] = (),
     phantom_seed: int = PHANTOM_SEED,
     only: Sequence[str] | None = None,
+    base: Sequence[str] | None = None,
 ) -> dict[str, Path]:
+    """Run every arm on every fold (finished runs are skipped). ``base``: overrides of every run (default: the
+    phantom's, :func:`base_overrides`); another data set passes its own."""
+    base = base_overrides(work, phantom_seed) if base is None else list(base)
     dirs = {}
     for name, overrides in table.items():
         if only and name not in only:
@@ -143,7 +147,7 @@ def run_arms(
                     *args,
                     f"data.fold={fold}",
                     f"seed={TRAIN_SEED}",
-                    *base_overrides(work, phantom_seed),
+                    *base,
                     *extra,
                 ],
                 out,

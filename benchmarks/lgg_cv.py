@@ -30,6 +30,7 @@ from pathlib import Path
 from fusion_phantom import REPO, RESULTS, TRAIN_SEED, run, run_arms, summarise
 
 FOLDS = (0, 1, 2, 3, 4)
+PRETRAINED_ARMS = ("cgc_pretrained", "cgc_probe")  # the arms that need the fold's SimSiam encoder
 PRETRAIN = ["data.batch_size=16", "trainer.max_epochs=150", "trainer.check_val_every_n_epoch=50"]
 
 
@@ -99,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not os.environ.get("LIVERFUSION_SHARED_DATA"):
         sys.exit("set LIVERFUSION_SHARED_DATA to the folder holding lgg_tcga_3seq_dev")
     work = Path(args.work).resolve()
-    for fold in FOLDS:  # pre-training per fold: never sees that fold's validation or test patients
+    needs_encoder = [a for a in arms(work) if a in PRETRAINED_ARMS and (not args.only or a in args.only)]
+    # pre-training per fold: it never sees that fold's validation or test patients
+    for fold in FOLDS if needs_encoder else ():
         run(
             [
                 "-m",
@@ -113,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             work / "pretrain" / f"fold{fold}",
             done="checkpoints/encoder.pt",
         )
-    dirs = run_arms(work, arms(work), FOLDS, only=args.only)
+    dirs = run_arms(work, arms(work), FOLDS, only=args.only, base=())  # the arms carry base(work)
     pooled = pooled_auroc(dirs)
     notes = (
         "TCGA LGG, 70 patients (grade 1 vs 2, positive class grade_2), sequences t1_pre, flair, t1_post (FLAIR "
