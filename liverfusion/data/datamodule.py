@@ -21,19 +21,9 @@ from liverfusion.data.preprocess import PreprocessConfig
 from liverfusion.data.splits import Splits, check_cases_against_splits, make_splits, splits_from_case_lists
 from liverfusion.data.transforms import build_transform, reseed
 from liverfusion.errors import ConfigError, DataError
+from liverfusion.utils.hydra_utils import to_plain
 
 log = logging.getLogger(__name__)
-
-
-def _to_plain(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, DictConfig | ListConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
 
 
 class MultiModalDataModule(L.LightningDataModule):
@@ -68,7 +58,7 @@ class MultiModalDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.layout = layout
-        pre = _to_plain(preprocess) or {}
+        pre = to_plain(preprocess) or {}
         self.preprocess = pre if isinstance(pre, PreprocessConfig) else PreprocessConfig(**pre)
         self.split_cfg = {
             "n_folds": 5,
@@ -78,7 +68,7 @@ class MultiModalDataModule(L.LightningDataModule):
             "file": None,
             "release_folds": False,
             "save_to": None,
-            **(_to_plain(split) or {}),
+            **(to_plain(split) or {}),
         }
         self.fold = int(fold)
         self.cache_dir = Path(cache_dir)
@@ -291,10 +281,10 @@ class ClassificationDataModule(MultiModalDataModule):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        items = _to_plain(train_transform)
+        items = to_plain(train_transform)
         built = build_transform(items)
         self.train_transform = _Reseeded(built) if built is not None else None
-        crop = _to_plain(eval_crop)
+        crop = to_plain(eval_crop)
         if crop is not None and (len(crop) != 3 or min(int(c) for c in crop) < 1):
             raise ConfigError(f"data.eval_crop must be null or 3 positive sizes (D, H, W), got {crop}")
         self.eval_crop = [int(c) for c in crop] if crop is not None else None

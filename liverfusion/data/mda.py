@@ -18,10 +18,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from liverfusion.data.cache import CachedCase
-from liverfusion.data.datamodule import MultiModalDataModule, _to_plain
+from liverfusion.data.datamodule import MultiModalDataModule
 from liverfusion.data.datasets import CaseDataset
 from liverfusion.data.transforms import build_batch_transform, build_transform, reseed
 from liverfusion.errors import ConfigError
+from liverfusion.utils.hydra_utils import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class MDADataModule(MultiModalDataModule):
         kwargs.pop("train_transform", None)
         kwargs.pop("balanced_sampler", None)
         super().__init__(*args, **kwargs)
-        pairs = dict(_to_plain(pairs) or {})
+        pairs = dict(to_plain(pairs) or {})
         self.sampler = PairSampler(self.modalities, **pairs)
         self.augment = build_transform(augment)
         self.batch_augment = build_batch_transform(batch_augment)

@@ -41,6 +41,7 @@ from liverfusion.models.encoder_factory import build_encoder
 from liverfusion.models.fusion import Fusion, build_fusion
 from liverfusion.modules.encoder_loading import load_pretrained_encoder
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, split_decay
+from liverfusion.utils.hydra_utils import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +50,8 @@ MODES = ("linear_probe", "partial", "full")
 INITS = ("pretrained", "scratch")
 
 
-def _plain(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, DictConfig | ListConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
 def _merged(defaults: Mapping[str, Any], given: Any, name: str) -> dict[str, Any]:
-    given = dict(_plain(given) or {})
+    given = dict(to_plain(given) or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ConfigError(f"model.{name} has unknown key(s) {unknown}; known: {sorted(defaults)}")
@@ -70,7 +60,7 @@ def _merged(defaults: Mapping[str, Any], given: Any, name: str) -> dict[str, Any
 
 def _encoder_factory(encoder: Any) -> Callable[..., Encoder] | Encoder:
     """A Hydra partial, an Encoder, or a plain config dict (as stored in checkpoints)."""
-    encoder = _plain(encoder)
+    encoder = to_plain(encoder)
     if isinstance(encoder, Mapping):
         cfg = {k: v for k, v in encoder.items() if not str(k).startswith("_")}
         cfg.pop("in_channels", None)
@@ -79,7 +69,7 @@ def _encoder_factory(encoder: Any) -> Callable[..., Encoder] | Encoder:
 
 
 def _fusion_factory(fusion: Any) -> Callable[..., Fusion]:
-    fusion = _plain(fusion)
+    fusion = to_plain(fusion)
     if isinstance(fusion, Mapping):
         cfg = {k: v for k, v in fusion.items() if k not in ("num_modalities", "in_channels", "num_classes")}
         return functools.partial(build_fusion, **cfg)
@@ -140,7 +130,7 @@ class FusionClassifier(L.LightningModule):
         evaluation: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        spec = dict(_plain(data_spec) or {})
+        spec = dict(to_plain(data_spec) or {})
         for key in ("modalities", "class_names"):
             if not spec.get(key):
                 raise ConfigError(f"the classifier needs data_spec[{key!r}] from a labelled data set")

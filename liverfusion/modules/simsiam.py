@@ -12,7 +12,8 @@ import torch
 from liverfusion.models.encoder_base import Encoder
 from liverfusion.models.heads import PredictionHead, ProjectionHead
 from liverfusion.models.losses import SimSiamLoss
-from liverfusion.modules.ssl_base import SSLModule, _plain
+from liverfusion.modules.ssl_base import SSLModule
+from liverfusion.utils.hydra_utils import to_plain
 
 
 class SimSiam(SSLModule):
@@ -27,8 +28,8 @@ class SimSiam(SSLModule):
         fix_pred_lr: bool = True,
         **kwargs: Any,
     ):
-        proj = {"hidden_dim": 2048, "out_dim": 2048, "num_layers": 3, **(_plain(projector) or {})}
-        pred = {"hidden_dim": 512, **(_plain(predictor) or {})}
+        proj = {"hidden_dim": 2048, "out_dim": 2048, "num_layers": 3, **(to_plain(projector) or {})}
+        pred = {"hidden_dim": 512, **(to_plain(predictor) or {})}
         self._z_dim = int(proj["out_dim"])
         super().__init__(encoder, **kwargs)
         self.projector = ProjectionHead(encoder.feature_dim, **proj)

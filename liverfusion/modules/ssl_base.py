@@ -28,6 +28,7 @@ from liverfusion.models.encoder_base import Encoder
 from liverfusion.modules.knn import knn_scores
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, scaled_lr, split_decay
 from liverfusion.utils.atomic import atomic_path
+from liverfusion.utils.hydra_utils import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +38,6 @@ BANK, QUERY = 0, 1  # validation dataloader indices of the kNN monitor
 
 class TrainingDivergedError(LiverfusionError, FloatingPointError):
     """The loss became NaN or infinite: names the step and the cases of the batch."""
-
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers, tuples and paths as plain dicts/lists/str, recursively: what ``torch.load`` with
-    ``weights_only=True`` can read back and what W&B metadata accepts."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(obj, DictConfig | ListConfig):
-        obj = OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:
@@ -101,14 +86,14 @@ class SSLModule(L.LightningModule, abc.ABC):
             "weight_decay": 1e-4,
             "exclude_bn_bias": False,
             "lr_reference_batch": 256,
-            **(_plain(optimizer) or {}),
+            **(to_plain(optimizer) or {}),
         }
-        self.scheduler_cfg = {"warmup_fraction": 0.0, "min_lr_ratio": 0.0, **(_plain(scheduler) or {})}
-        self.knn_cfg = {"enabled": True, "k": 20, "temperature": 0.07, **(_plain(knn) or {})}
-        self.probe_cfg = {"enabled": False, "lr": 0.1, **(_plain(probe) or {})}
-        self.collapse_cfg = {"alarm_fraction": 0.5, "stop": False, **(_plain(collapse) or {})}
-        self.export_cfg = {"filename": "encoder.pt", "wandb_artifact": True, **(_plain(export) or {})}
-        self.data_spec = dict(_plain(data_spec) or {})
+        self.scheduler_cfg = {"warmup_fraction": 0.0, "min_lr_ratio": 0.0, **(to_plain(scheduler) or {})}
+        self.knn_cfg = {"enabled": True, "k": 20, "temperature": 0.07, **(to_plain(knn) or {})}
+        self.probe_cfg = {"enabled": False, "lr": 0.1, **(to_plain(probe) or {})}
+        self.collapse_cfg = {"alarm_fraction": 0.5, "stop": False, **(to_plain(collapse) or {})}
+        self.export_cfg = {"filename": "encoder.pt", "wandb_artifact": True, **(to_plain(export) or {})}
+        self.data_spec = dict(to_plain(data_spec) or {})
         self.num_classes = len(self.data_spec.get("class_names") or [])
         self.modalities = list(self.data_spec.get("modalities") or [])
         self.channels_last = bool(channels_last)
@@ -372,7 +357,7 @@ class SSLModule(L.LightningModule, abc.ABC):
             "dataset": self.data_spec.get("dataset"),
             "layout": self.data_spec.get("layout"),
             "method": type(self).__name__,
-            "hparams": _plain({k: v for k, v in self.hparams.items() if k != "data_spec"}),
+            "hparams": to_plain({k: v for k, v in self.hparams.items() if k != "data_spec"}),
             "seed": self.run_seed(),
             "epochs": int(self.current_epoch),
             "global_step": int(self.global_step),
