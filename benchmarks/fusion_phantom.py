@@ -11,7 +11,8 @@ Protocol (every number is a config value below, nothing was tuned on this phanto
   patients (its validation and test patients are never seen), training seed 0;
 - arms (training seed 0, each on folds 0, 1, 2; model selection on the fold's validation macro-F1; test once):
   ``*_probe``: frozen pre-trained encoder + fusion + head (``+experiment=cgc_demo`` settings);
-  ``cgc_finetune``: pre-trained encoder fine-tuned (encoder lr x0.1, ``+experiment=cgc_finetune``);
+  ``cgc_finetune``: pre-trained encoder fine-tuned (``+experiment=cgc_finetune``: the encoder at the head's lr, as
+  chosen by ``fusion_tuning.py`` on the tuning phantom; ``cgc_finetune_enc01``: the former encoder lr x0.1);
   ``*_scratch``: the same networks trained end to end from random weights (``early`` can only be scratch: its
   encoder reads 8 channels, the pre-trained one 1).
 Results: ``benchmarks/results/fusion_phantom.{md,csv,json}`` (+ the report folder in the work dir).
@@ -114,6 +115,8 @@ def arms(encoder: str) -> dict[str, list[str]]:
             f"model.fusion.modality={i}",
         ]
     table["cgc_finetune"] = finetune
+    # the preset before tuning (encoder lr x0.1; benchmarks/fusion_tuning.py chose x1.0 on the tuning phantom)
+    table["cgc_finetune_enc01"] = [*finetune, "model.finetune.encoder_lr_scale=0.1"]
     table["cgc_scratch"] = scratch
     table["early_scratch"] = [*scratch, "fusion@model.fusion=early"]
     return table
@@ -283,7 +286,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"seed {TRAIN_SEED}; encoder `resnet10_cpu`; SimSiam (MDA, `+experiment=simsiam_pretrain`) pre-trained per "
         "fold on that fold's training patients. Command: `python benchmarks/fusion_phantom.py`."
     )
-    print(summarise(dirs, work, "fusion_phantom", "Fusion on the phantom", notes))
+    names = list(dirs)
+    pairs = [(names[0], n) for n in names[1:]]  # the probe against every other arm
+    pairs += [  # pre-trained vs scratch, CGC vs early fusion
+        ("cgc_finetune", "cgc_scratch"),
+        ("cgc_finetune", "cgc_finetune_enc01"),
+        ("cgc_scratch", "early_scratch"),
+        ("cgc_finetune", "early_scratch"),
+    ]
+    print(summarise(dirs, work, "fusion_phantom", "Fusion on the phantom", notes, pairs=pairs))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ seed 4242, split seed 0, folds 0-2, training seed 0, pre-training per fold on th
 ``data.label_fraction=0.1`` keeps the labels of a class-stratified 10 % of each fold's training patients (at least
 one per class; validation and test stay fully labelled). Arms:
 - ``mda_probe`` / ``same_probe``: frozen encoder (MDA / same-modality SimSiam) + CGC + head;
-- ``mda_finetune``: MDA encoder fine-tuned (encoder lr x0.1);
+- ``mda_finetune``: MDA encoder fine-tuned (``+experiment=cgc_finetune``: the encoder at the head's lr);
 - ``scratch``: the same CGC network trained end to end from random weights.
 Results: ``benchmarks/results/label_efficiency.{md,csv,json}``.
 """
@@ -51,6 +51,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="shared with fusion_phantom.py (phantom, encoders, 100 % runs)",
     )
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="*",
+        default=list(FRACTIONS),
+        help="label fractions to run (default: all)",
+    )
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
     for fold in FOLDS:
@@ -58,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pretrain(work, "same", fold, extra=["data.pairs.policy=same", "task_name=simsiam_same_modality"])
     table = arms(work)
     dirs: dict[str, Path] = {}
-    for frac in FRACTIONS:
+    for frac in args.fractions:
         tag = f"labels{int(frac * 100)}"
         sub = {}
         for name, overrides in table.items():
@@ -81,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "training patients: MDA (`+experiment=simsiam_pretrain`, cross-phase pairs) and same-modality "
         "(`data.pairs.policy=same`). Command: `python benchmarks/label_efficiency.py`."
     )
-    order = [f"{a}@labels{int(f * 100)}" for f in FRACTIONS for a in table]
+    order = [f"{a}@labels{int(f * 100)}" for f in args.fractions for a in table]
     dirs = {k: dirs[k] for k in order if k in dirs}
     pairs = [
         (f"mda_probe@{t}", f"{b}@{t}") for t in ("labels10", "labels100") for b in ("scratch", "same_probe")

@@ -58,7 +58,12 @@ def arms(work: Path) -> dict[str, list[str]]:
     return {
         "early_scratch": [*scratch, "fusion@model.fusion=early"],
         "cgc_scratch": scratch,
-        "cgc_pretrained": [*common, "model.init=pretrained", f"model.pretrained.path={encoder}"],
+        "cgc_pretrained": [  # run with the preset's former encoder lr x0.1: pinned so the committed table reproduces
+            *common,
+            "model.init=pretrained",
+            f"model.pretrained.path={encoder}",
+            "model.finetune.encoder_lr_scale=0.1",
+        ],
         "cgc_probe": [
             "+experiment=cgc_demo",
             "callbacks.step_checkpoint=null",

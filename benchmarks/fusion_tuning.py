@@ -1,0 +1,101 @@
+"""Recipe tuning for the CGC fine-tune, on a *tuning* phantom only (never on the benchmark seed of
+``fusion_phantom.py``): each variant is the ``+experiment=cgc_finetune`` arm of that script plus a few overrides.
+
+    python benchmarks/fusion_tuning.py                          # phantom seed 7, fold 0, every variant
+    python benchmarks/fusion_tuning.py --variants enc01 enc10   # some of them
+    python benchmarks/fusion_tuning.py --phantom-seed 20231030  # the other tuning phantom
+
+Resumable like ``fusion_phantom.py``. Reports the best validation and the test macro-F1 of the tuning phantom's
+own test split (looking at it is allowed: this phantom is for tuning, the benchmark one is never looked at).
+Results: ``benchmarks/results/fusion_tuning.json`` (one entry per phantom seed, fold and variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from fusion_phantom import PHANTOM_SEED, REPO, RESULTS, TRAIN_SEED, base_overrides, pretrain, run
+
+EMA = [
+    "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+    "+callbacks.ema.decay=0.99",
+]
+ENC01 = "model.finetune.encoder_lr_scale=0.1"  # the preset's encoder lr before this tuning
+VARIANTS: dict[str, list[str]] = {
+    "enc01": [ENC01],  # the former cgc_finetune recipe
+    # weight averaging (validation, checkpoint and test use the EMA weights) + label smoothing, longer schedule
+    "ema_ls": [ENC01, *EMA, "model.loss.label_smoothing=0.1", "trainer.max_epochs=40"],
+    # as ema_ls, the encoder learns faster
+    "ema_ls_enc03": [
+        *EMA,
+        "model.loss.label_smoothing=0.1",
+        "trainer.max_epochs=40",
+        "model.finetune.encoder_lr_scale=0.3",
+    ],
+    # the encoder learns at the head's rate (as from scratch), starting from the MDA weights: the preset since
+    "enc10": ["model.finetune.encoder_lr_scale=1.0"],
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", default=str(REPO / ".cache" / "benchmarks" / "fusion_tuning"))
+    parser.add_argument("--phantom-seed", type=int, default=7)
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.phantom_seed == PHANTOM_SEED:
+        parser.error(f"phantom seed {PHANTOM_SEED} is the benchmark's: never tune on it")
+    work = Path(args.work).resolve() / f"seed{args.phantom_seed}"
+    extra = [f"extras.torch_threads={args.threads}"] if args.threads else []
+    encoder = pretrain(work, "mda", args.fold, extra=extra, phantom_seed=args.phantom_seed)
+    out_json = RESULTS / "fusion_tuning.json"
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    for name in args.variants:
+        out = work / "runs" / name / f"fold{args.fold}"
+        seconds = run(
+            [
+                "-m",
+                "liverfusion.train",
+                "+experiment=cgc_finetune",
+                "model.init=pretrained",
+                f"model.pretrained.path={encoder}",
+                "callbacks.step_checkpoint=null",
+                f"data.fold={args.fold}",
+                f"seed={TRAIN_SEED}",
+                *base_overrides(work, args.phantom_seed),
+                *extra,
+                *VARIANTS[name],
+            ],
+            out,
+        )
+        summary = json.loads((out / "test" / "summary.json").read_text())
+        log = pd.read_csv(next(out.glob("csv/**/metrics.csv")))
+        val = log.dropna(subset=["val/macro_f1"])
+        entry = {
+            "overrides": VARIANTS[name],
+            "val_macro_f1_best": float(val["val/macro_f1"].max()),
+            "val_best_epoch": int(val.loc[val["val/macro_f1"].idxmax(), "epoch"]),
+            "test_macro_f1": summary["metrics"]["macro_f1"],
+            "test_auroc": summary["metrics"].get("auroc"),
+        }
+        done = results.setdefault(f"seed{args.phantom_seed}_fold{args.fold}", {})
+        if seconds:
+            entry["seconds"] = round(seconds, 1)
+        elif "seconds" in done.get(name, {}):  # a finished run skipped on this call keeps its timing
+            entry["seconds"] = done[name]["seconds"]
+        done[name] = entry
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(results, indent=1))
+        print(name, json.dumps(entry), flush=True)
+
+
+if __name__ == "__main__":
+    main()
