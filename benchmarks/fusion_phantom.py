@@ -187,8 +187,11 @@ def summarise(
     pairs: Sequence[tuple[str, str]] | None = None,
     keys: Sequence[str] = ("macro_f1", "lld_score", "auroc", "balanced_accuracy"),
     metric: str = "macro_f1",
+    figures: Sequence[str] = (),
 ) -> str:
-    """Aggregate every arm with liverfusion.report; write results/<stem>.{md,csv,json}; return the markdown."""
+    """Aggregate every arm with liverfusion.report; write results/<stem>.{md,csv,json} and the confusion matrix,
+    ROC and per-fold plots of the arms in ``figures`` (+ the embedding) under results/figures/<stem>/; return the
+    markdown."""
     from liverfusion.report import make_report
 
     names = list(dirs)
@@ -259,7 +262,24 @@ def summarise(
     (RESULTS / f"{stem}.md").write_text(text)
     shutil.copy(work / "report" / "results.csv", RESULTS / f"{stem}.csv")
     (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
+    copy_figures(work / "report", RESULTS / "figures" / stem, [n for n in figures if n in dirs])
     return text
+
+
+def copy_figures(report: Path, dest: Path, arms: Sequence[str]) -> None:
+    """The committed plots: a few arms' confusion matrix / ROC / per-fold scores and the embedding (the report
+    folder holds every arm's; committing them all would bloat the repository)."""
+    from liverfusion.report import file_slug
+
+    if not arms:
+        return
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    wanted = [f"{kind}_{file_slug(a)}.png" for a in arms for kind in ("confusion", "roc", "per_fold")]
+    for name in [*wanted, "embedding.png"]:
+        if (report / name).is_file():
+            shutil.copy(report / name, dest / name)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -294,7 +314,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("cgc_scratch", "early_scratch"),
         ("cgc_finetune", "early_scratch"),
     ]
-    print(summarise(dirs, work, "fusion_phantom", "Fusion on the phantom", notes, pairs=pairs))
+    figures = ["cgc_finetune", "cgc_scratch", "early_scratch", "cgc_probe", "single_CDelay_probe"]
+    print(
+        summarise(dirs, work, "fusion_phantom", "Fusion on the phantom", notes, pairs=pairs, figures=figures)
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ seed 4242, split seed 0, folds 0-2, training seed 0, pre-training per fold on th
 ``data.label_fraction=0.1`` keeps the labels of a class-stratified 10 % of each fold's training patients (at least
 one per class; validation and test stay fully labelled). Arms:
 - ``mda_probe`` / ``same_probe``: frozen encoder (MDA / same-modality SimSiam) + CGC + head;
-- ``mda_finetune``: MDA encoder fine-tuned (``+experiment=cgc_finetune``: the encoder at the head's lr);
+- ``mda_finetune`` / ``same_finetune``: MDA / same-modality encoder fine-tuned (``+experiment=cgc_finetune``: the
+  encoder at the head's lr);
 - ``scratch``: the same CGC network trained end to end from random weights.
 Results: ``benchmarks/results/label_efficiency.{md,csv,json}``.
 """
@@ -33,6 +34,7 @@ def arms(work: Path) -> dict[str, list[str]]:
         "mda_probe": [*probe, f"model.pretrained.path={mda}"],
         "same_probe": [*probe, f"model.pretrained.path={same}"],
         "mda_finetune": [*tune, "model.init=pretrained", f"model.pretrained.path={mda}"],
+        "same_finetune": [*tune, "model.init=pretrained", f"model.pretrained.path={same}"],
         "scratch": [*tune, "model.init=scratch", "model.finetune.encoder_lr_scale=1.0"],
     }
 
@@ -58,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=list(FRACTIONS),
         help="label fractions to run (default: all)",
     )
+    parser.add_argument("--summary-only", action="store_true", help="only aggregate the finished runs")
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
     for fold in FOLDS:
@@ -79,7 +82,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 continue
             sub[f"{name}@{tag}"] = [*overrides, f"data.label_fraction={frac}"]
         lw = work / "label_efficiency"
-        dirs.update(run_arms(lw, sub, FOLDS, only=[f"{o}@{tag}" for o in args.only] if args.only else None))
+        if args.summary_only:
+            dirs.update(
+                {n: lw / "runs" / n for n in sub if any((lw / "runs" / n).glob("fold*/test/summary.json"))}
+            )
+        else:
+            only = [f"{o}@{tag}" for o in args.only] if args.only else None
+            dirs.update(run_arms(lw, sub, FOLDS, only=only))
     # run_arms writes under <lw>/runs; reused 100 % runs stay where fusion_phantom.py put them
     notes = (
         f"Phantom seed {PHANTOM_SEED} (450 cases, untuned), split seed 0, folds {list(FOLDS)}, training seed "
@@ -93,7 +102,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     pairs = [
         (f"mda_probe@{t}", f"{b}@{t}") for t in ("labels10", "labels100") for b in ("scratch", "same_probe")
     ]
-    pairs += [(f"mda_finetune@{t}", f"scratch@{t}") for t in ("labels10", "labels100")]
+    pairs += [
+        (f"mda_finetune@{t}", f"{b}@{t}")
+        for t in ("labels10", "labels100")
+        for b in ("scratch", "same_finetune")
+    ]
     print(
         summarise(
             dirs,
@@ -103,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             notes,
             embedding="tsne",
             pairs=pairs,
+            figures=["mda_finetune@labels10", "scratch@labels10", "same_finetune@labels10"],
         )
     )
 

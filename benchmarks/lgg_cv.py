@@ -11,7 +11,10 @@ Pre-training: SimSiam on MDA pairs of the 3 sequences, once per fold on that fol
 phantom preset's 32 / 20). Arms:
 - ``early_scratch``: the sequences as input channels of one encoder (the LLD-MMRI baseline design), from scratch;
 - ``cgc_scratch``: shared encoder + CGC, from scratch;
-- ``cgc_pretrained``: the same, encoder initialised from the fold's SimSiam encoder, fine-tuned (lr x0.1);
+- ``cgc_pretrained``: the same, encoder initialised from the fold's SimSiam encoder, fine-tuned (encoder lr x0.1,
+  the preset's value when this arm was first run);
+- ``cgc_pretrained_enc10``: as ``cgc_pretrained`` with the encoder at the head's lr (the ``cgc_finetune`` preset
+  since ``fusion_tuning.py``; chosen on the phantom, not on LGG);
 - ``cgc_probe``: the fold's SimSiam encoder frozen, CGC + head trained.
 Reported: AUROC and balanced accuracy mean +- std over the 5 test folds, the pooled out-of-fold AUROC with its
 DeLong and bootstrap 95 % CIs, paired comparisons on the pooled out-of-fold predictions.
@@ -30,7 +33,8 @@ from pathlib import Path
 from fusion_phantom import REPO, RESULTS, TRAIN_SEED, run, run_arms, summarise
 
 FOLDS = (0, 1, 2, 3, 4)
-PRETRAINED_ARMS = ("cgc_pretrained", "cgc_probe")  # the arms that need the fold's SimSiam encoder
+# the arms that need the fold's SimSiam encoder
+PRETRAINED_ARMS = ("cgc_pretrained", "cgc_pretrained_enc10", "cgc_probe")
 PRETRAIN = ["data.batch_size=16", "trainer.max_epochs=150", "trainer.check_val_every_n_epoch=50"]
 
 
@@ -64,6 +68,7 @@ def arms(work: Path) -> dict[str, list[str]]:
             f"model.pretrained.path={encoder}",
             "model.finetune.encoder_lr_scale=0.1",
         ],
+        "cgc_pretrained_enc10": [*common, "model.init=pretrained", f"model.pretrained.path={encoder}"],
         "cgc_probe": [
             "+experiment=cgc_demo",
             "callbacks.step_checkpoint=null",
@@ -146,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("cgc_scratch", "early_scratch"),
         ("cgc_pretrained", "early_scratch"),
         ("cgc_probe", "cgc_scratch"),
+        ("cgc_pretrained_enc10", "cgc_scratch"),
+        ("cgc_pretrained_enc10", "cgc_pretrained"),
     ]
     text = summarise(
         dirs,
@@ -157,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pairs=pairs,
         keys=("binary/auroc", "balanced_accuracy", "macro_f1", "accuracy"),
         metric="auroc",
+        figures=["cgc_probe", "cgc_scratch", "early_scratch"],
     )
     (RESULTS / "lgg_cv_pooled.json").write_text(json.dumps(pooled, indent=1))
     print(text)

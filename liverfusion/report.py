@@ -247,7 +247,8 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-def _slug(name: str) -> str:
+def file_slug(name: str) -> str:
+    """An arm name as it appears in the report's file names (``confusion_<slug>.png``, ...)."""
     out = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     return out.strip("_")[:80] or "arm"
 
@@ -404,7 +405,7 @@ def _plots(
 
     figs: dict[str, Path] = {}
     for a in arms:
-        s = _slug(a.name) if a.name else "runs"
+        s = file_slug(a.name) if a.name else "runs"
         preds = pooled_sets[a.name].subset(pooled_sets[a.name].labelled)
         probs = preds.probs / preds.probs.sum(axis=1, keepdims=True)
         cm = confusion_matrix(probs, preds.labels)
