@@ -152,8 +152,13 @@ def _compose(tiny_phantom: Path, tmp_path: Path, extra: list[str]):
 
 
 def _tiny_run(tiny_phantom: Path, tmp_path: Path, monkeypatch, privacy: bool):
+    import wandb
+
     _offline_env(monkeypatch, tmp_path)
     _, objects = train(_compose(tiny_phantom, tmp_path, [f"privacy={str(privacy).lower()}"]))
+    # wandb.finish() returns before W&B's service has flushed its last buffered block of the run file (seen under
+    # load: the test-time records were missing); teardown waits for the service, as process exit does for the CLI
+    wandb.teardown()
     cb = next(c for c in objects["trainer"].callbacks if isinstance(c, WandbClassifierLogger))
     runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
