@@ -36,7 +36,7 @@ VARIANTS: dict[str, list[str]] = {
         "trainer.max_epochs=40",
         "model.finetune.encoder_lr_scale=0.3",
     ],
-    # the encoder learns at the head's rate (as from scratch), starting from the MDA weights: the preset since
+    # the encoder learns at the head's rate (as from scratch), starting from the MDA weights (the preset since this tuning)
     "enc10": ["model.finetune.encoder_lr_scale=1.0"],
 }
 
@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     args = parser.parse_args(argv)
+    from liverfusion.utils.atomic import atomic_write_text
+
     if args.phantom_seed == PHANTOM_SEED:
         parser.error(f"phantom seed {PHANTOM_SEED} is the benchmark's: never tune on it")
     work = Path(args.work).resolve() / f"seed{args.phantom_seed}"
@@ -93,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             entry["seconds"] = done[name]["seconds"]
         done[name] = entry
         RESULTS.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(results, indent=1))
+        atomic_write_text(out_json, json.dumps(results, indent=1))  # a killed call keeps the earlier entries
         print(name, json.dumps(entry), flush=True)
 
 
