@@ -130,13 +130,16 @@ def run_arms(
     phantom_seed: int = PHANTOM_SEED,
     only: Sequence[str] | None = None,
     base: Sequence[str] | None = None,
+    summary_only: bool = False,
 ) -> dict[str, Path]:
-    """Run every arm on every fold (finished runs are skipped). ``base``: overrides of every run (default: the
-    phantom's, :func:`base_overrides`); another data set passes its own."""
+    """Run every arm on every fold (finished runs are skipped) and return the run folders of the arms to report.
+    ``only``: run just these arms (the others are reported if they finished before); ``summary_only``: run
+    nothing. ``base``: overrides of every run (default: the phantom's, :func:`base_overrides`); another data set
+    passes its own."""
     base = base_overrides(work, phantom_seed) if base is None else list(base)
     dirs = {}
     for name, overrides in table.items():
-        if only and name not in only:
+        if summary_only or (only and name not in only):
             if any((work / "runs" / name).glob("fold*/test/summary.json")):
                 dirs[name] = work / "runs" / name  # finished before: it stays in the summary
             continue
@@ -295,12 +298,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pretrain(work, "mda", fold)
     encoder = str(work / "pretrain" / "mda" / "fold{fold}" / "checkpoints" / "encoder.pt")
     table = arms(encoder)
-    if args.summary_only:
-        dirs = {
-            n: work / "runs" / n for n in table if any((work / "runs" / n).glob("fold*/test/summary.json"))
-        }
-    else:
-        dirs = run_arms(work, table, FOLDS, only=args.only)
+    dirs = run_arms(work, table, FOLDS, only=args.only, summary_only=args.summary_only)
     notes = (
         f"Phantom seed {PHANTOM_SEED} (450 cases, 16x64x64, untuned), split seed 0 (test 20 %, 3 folds), training "
         f"seed {TRAIN_SEED}; encoder `resnet10_cpu`; SimSiam (MDA, `+experiment=simsiam_pretrain`) pre-trained per "

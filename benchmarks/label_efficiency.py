@@ -82,13 +82,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 continue
             sub[f"{name}@{tag}"] = [*overrides, f"data.label_fraction={frac}"]
         lw = work / "label_efficiency"
-        if args.summary_only:
-            dirs.update(
-                {n: lw / "runs" / n for n in sub if any((lw / "runs" / n).glob("fold*/test/summary.json"))}
-            )
-        else:
-            only = [f"{o}@{tag}" for o in args.only] if args.only else None
-            dirs.update(run_arms(lw, sub, FOLDS, only=only))
+        only = [f"{o}@{tag}" for o in args.only] if args.only else None
+        dirs.update(run_arms(lw, sub, FOLDS, only=only, summary_only=args.summary_only))
     # run_arms writes under <lw>/runs; reused 100 % runs stay where fusion_phantom.py put them
     notes = (
         f"Phantom seed {PHANTOM_SEED} (450 cases, untuned), split seed 0, folds {list(FOLDS)}, training seed "

@@ -59,16 +59,13 @@ def arms(work: Path) -> dict[str, list[str]]:
         *base(work),
     ]
     scratch = [*common, "model.init=scratch", "model.finetune.encoder_lr_scale=1.0"]
+    pretrained = [*common, "model.init=pretrained", f"model.pretrained.path={encoder}"]
     return {
         "early_scratch": [*scratch, "fusion@model.fusion=early"],
         "cgc_scratch": scratch,
-        "cgc_pretrained": [  # run with the preset's former encoder lr x0.1: pinned so the committed table reproduces
-            *common,
-            "model.init=pretrained",
-            f"model.pretrained.path={encoder}",
-            "model.finetune.encoder_lr_scale=0.1",
-        ],
-        "cgc_pretrained_enc10": [*common, "model.init=pretrained", f"model.pretrained.path={encoder}"],
+        # run with the preset's former encoder lr x0.1: pinned so the committed table reproduces
+        "cgc_pretrained": [*pretrained, "model.finetune.encoder_lr_scale=0.1"],
+        "cgc_pretrained_enc10": pretrained,
         "cgc_probe": [
             "+experiment=cgc_demo",
             "callbacks.step_checkpoint=null",
