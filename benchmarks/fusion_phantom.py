@@ -117,6 +117,9 @@ def arms(encoder: str) -> dict[str, list[str]]:
     table["cgc_finetune"] = finetune
     # the preset before tuning (encoder lr x0.1; benchmarks/fusion_tuning.py chose x1.0 on the tuning phantom)
     table["cgc_finetune_enc01"] = [*finetune, "model.finetune.encoder_lr_scale=0.1"]
+    # the preset again with two more training seeds: how far its per-fold number moves by chance alone
+    for seed in (1, 2):
+        table[f"cgc_finetune_seed{seed}"] = [*finetune, f"seed={seed}"]
     table["cgc_scratch"] = scratch
     table["early_scratch"] = [*scratch, "fusion@model.fusion=early"]
     return table
@@ -150,9 +153,9 @@ def run_arms(
                 [
                     "-m",
                     "liverfusion.train",
+                    f"seed={TRAIN_SEED}",  # before the arm's overrides: an arm may set its own seed
                     *args,
                     f"data.fold={fold}",
-                    f"seed={TRAIN_SEED}",
                     *base,
                     *extra,
                 ],

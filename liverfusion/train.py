@@ -98,11 +98,30 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):
             ckpt = "best" if cfg.get("train", True) and _has_best(trainer) else cfg.get("ckpt_path")
+            if ckpt is not None:
+                _test_saved_weights(trainer)
             trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     finally:
         close_loggers()
     return metrics, objects
+
+
+def _test_saved_weights(trainer: L.Trainer) -> None:
+    """Test the weights a checkpoint holds. Lightning's weight averaging (``EMAWeightAveraging``, SWA) saves the
+    averaged weights as the checkpoint's ``state_dict``: what validation scored, model selection chose and
+    ``liverfusion.evaluate`` loads. Left attached, the callback would restore the raw weights stored beside them
+    when the same trainer tests that checkpoint, so the run's test would score another model."""
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:  # Lightning < 2.5 has no weight averaging callback
+        return
+    kept = [cb for cb in trainer.callbacks if not isinstance(cb, WeightAveraging)]
+    if len(kept) < len(trainer.callbacks):
+        log.info(
+            "testing the checkpoint's averaged weights (weight averaging callback detached for the test)"
+        )
+        trainer.callbacks = kept
 
 
 def _public_names(cfg: DictConfig) -> list[str]:

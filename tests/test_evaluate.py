@@ -266,6 +266,35 @@ def test_checkpoint_round_trip_into_evaluate(tiny_phantom, tmp_path):
     assert np.allclose(ens.probs, (theirs.probs + one.probs) / 2, atol=1e-5)
 
 
+def test_weight_averaged_run_tests_the_weights_it_saved(tiny_phantom, tmp_path):
+    """With Lightning's EMA callback, the checkpoint holds the averaged weights (what validation scored and model
+    selection chose); the run's own test must score those, as `evaluate` does, not the raw weights beside them."""
+    _train_tiny(
+        tiny_phantom,
+        tmp_path,
+        "ema",
+        [
+            "model.finetune.mode=full",
+            "model.feature_cache.enabled=auto",
+            "trainer.max_epochs=3",
+            "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+            "+callbacks.ema.decay=0.5",
+            "+callbacks.best._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"+callbacks.best.dirpath={tmp_path / 'ema' / 'checkpoints'}",
+            "+callbacks.best.monitor=val/loss",
+        ],
+    )
+    run = tmp_path / "ema"
+    ckpt = torch.load(find_checkpoints(run)[0], weights_only=True)
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged if k.startswith("net.encoder"))
+    _evaluate(tiny_phantom, tmp_path, run, "eval", ["robustness=false"])
+    ours = read_predictions_csv(tmp_path / "eval" / "predictions.csv")
+    theirs = read_predictions_csv(run / "test" / "predictions.csv")
+    assert ours.case_ids == theirs.case_ids
+    assert np.allclose(ours.probs, theirs.probs, atol=1e-5)
+
+
 def test_evaluate_refuses_an_encoder_file(tmp_path):
     enc = build_encoder(name="resnet3d", arch="resnet10", widths=[4, 8, 8, 8])
     torch.save({"format": "liverfusion-encoder/1", "state_dict": enc.state_dict()}, tmp_path / "encoder.pt")
