@@ -194,10 +194,11 @@ def summarise(
     keys: Sequence[str] = ("macro_f1", "lld_score", "auroc", "balanced_accuracy"),
     metric: str = "macro_f1",
     figures: Sequence[str] = (),
+    appendix: str = "",
 ) -> str:
     """Aggregate every arm with liverfusion.report; write results/<stem>.{md,csv,json} and the confusion matrix,
     ROC and per-fold plots of the arms in ``figures`` (+ the embedding) under results/figures/<stem>/; return the
-    markdown."""
+    markdown (``appendix`` ends it)."""
     from liverfusion.report import make_report
 
     names = list(dirs)
@@ -263,6 +264,8 @@ def summarise(
             if "delong" in c and "p_value" in c["delong"]:
                 lines[-1] = lines[-1][:-2] + f" (DeLong AUROC p {c['delong']['p_value']:.3g}) |"
     res["paired"] = comparisons
+    if appendix:
+        lines += ["", appendix]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.md").write_text(text)
@@ -286,6 +289,23 @@ def copy_figures(report: Path, dest: Path, arms: Sequence[str]) -> None:
     for name in [*wanted, "embedding.png"]:
         if (report / name).is_file():
             shutil.copy(report / name, dest / name)
+
+
+def seed_spread(dirs: dict[str, Path], names: Sequence[str], metric: str = "macro_f1") -> str:
+    """One recipe run with several training seeds (one arm per seed): the test ``metric`` of every fold model
+    together, so the per-fold mean comes with its standard error."""
+    import numpy as np
+
+    runs = sorted(p for n in names if n in dirs for p in dirs[n].glob("fold*/test/summary.json"))
+    if len(runs) < 2:
+        return ""
+    v = np.array([json.loads(p.read_text())["metrics"][metric] for p in runs])
+    std = v.std(ddof=1)
+    return (
+        f"Fold models of {', '.join(n for n in names if n in dirs)} together ({len(v)} runs): test {metric} "
+        f"{v.mean():.3f} ± {std:.3f} (sample std; standard error of the mean {std / np.sqrt(len(v)):.3f}; "
+        f"range {v.min():.3f} to {v.max():.3f})."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -316,9 +336,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("cgc_finetune", "early_scratch"),
     ]
     figures = ["cgc_finetune", "cgc_scratch", "early_scratch", "cgc_probe", "single_CDelay_probe"]
-    print(
-        summarise(dirs, work, "fusion_phantom", "Fusion on the phantom", notes, pairs=pairs, figures=figures)
+    spread = seed_spread(dirs, ["cgc_finetune", "cgc_finetune_seed1", "cgc_finetune_seed2"])
+    text = summarise(
+        dirs,
+        work,
+        "fusion_phantom",
+        "Fusion on the phantom",
+        notes,
+        pairs=pairs,
+        figures=figures,
+        appendix=spread,
     )
+    print(text)
 
 
 if __name__ == "__main__":

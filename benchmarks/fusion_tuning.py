@@ -18,16 +18,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from fusion_phantom import PHANTOM_SEED, REPO, RESULTS, TRAIN_SEED, base_overrides, pretrain, run
+from fusion_phantom import PHANTOM_SEED, REPO, RESULTS, TRAIN_SEED, arms, base_overrides, pretrain, run
 
-EMA = [
-    "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
-    "+callbacks.ema.decay=0.99",
-]
+
+def ema(decay: float) -> list[str]:
+    """Lightning's EMA of the weights: validation, the checkpoint and the run's test use the averaged weights."""
+    return [
+        "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+        f"+callbacks.ema.decay={decay}",
+    ]
+
+
+EMA = ema(0.99)
 ENC01 = "model.finetune.encoder_lr_scale=0.1"  # the preset's encoder lr before this tuning
 VARIANTS: dict[str, list[str]] = {
     "enc01": [ENC01],  # the former cgc_finetune recipe
-    # weight averaging (validation, checkpoint and test use the EMA weights) + label smoothing, longer schedule
+    # weight averaging + label smoothing, longer schedule
     "ema_ls": [ENC01, *EMA, "model.loss.label_smoothing=0.1", "trainer.max_epochs=40"],
     # as ema_ls, the encoder learns faster
     "ema_ls_enc03": [
@@ -41,12 +47,7 @@ VARIANTS: dict[str, list[str]] = {
     # as ema_ls, at the preset's encoder lr (x1.0)
     "ema_ls_enc10": [*EMA, "model.loss.label_smoothing=0.1", "trainer.max_epochs=40"],
     # a longer average (decay 0.998: about 15 epochs of 34 steps), SWA-like
-    "ema998_ls_enc10": [
-        *EMA[:1],
-        "+callbacks.ema.decay=0.998",
-        "model.loss.label_smoothing=0.1",
-        "trainer.max_epochs=40",
-    ],
+    "ema998_ls_enc10": [*ema(0.998), "model.loss.label_smoothing=0.1", "trainer.max_epochs=40"],
     # no modality dropout: the phantom's class is read across phases, so a dropped phase can erase it (label noise)
     "md0": ["model.modality_dropout.p=0.0"],
     # inverse-frequency class weights (HCC is 3x the rarest class; macro-F1 weighs every class alike)
@@ -90,12 +91,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             [
                 "-m",
                 "liverfusion.train",
-                "+experiment=cgc_finetune",
-                "model.init=pretrained",
-                f"model.pretrained.path={encoder}",
-                "callbacks.step_checkpoint=null",
-                f"data.fold={args.fold}",
                 f"seed={TRAIN_SEED}",
+                *arms(str(encoder))["cgc_finetune"],  # the benchmark's arm, on the tuning phantom
+                f"data.fold={args.fold}",
                 *base_overrides(work, args.phantom_seed),
                 *extra,
                 *VARIANTS[name],
