@@ -3,6 +3,7 @@ SimSiam (MDA) encoder and from scratch, mean +- std over the 3 validation folds,
 
     python benchmarks/fusion_phantom.py            # resumable: finished runs are skipped on a re-run
     nohup python benchmarks/fusion_phantom.py > fusion_phantom.log 2>&1 &
+    python benchmarks/fusion_phantom.py --n-cases 900 --only cgc_finetune --folds 0   # a larger phantom, one fold
 
 Protocol (every number is a config value below, nothing was tuned on this phantom):
 - data: the phantom (default spec, 450 cases, 16x64x64) generated with seed 4242, which no tuning used (the demo
@@ -291,41 +292,76 @@ def copy_figures(report: Path, dest: Path, arms: Sequence[str]) -> None:
             shutil.copy(report / name, dest / name)
 
 
+def ensemble_metric(runs: Sequence[Path], metric: str = "macro_f1") -> float:
+    """Test ``metric`` of the mean probabilities of these runs (one run: its own)."""
+    from liverfusion.report import Arm, find_runs, pooled_predictions
+
+    members = [r for d in runs for r in find_runs(d)]
+    return float(pooled_predictions(Arm("ensemble", members))[0].point_metrics()[metric])
+
+
 def seed_spread(dirs: dict[str, Path], names: Sequence[str], metric: str = "macro_f1") -> str:
     """One recipe run with several training seeds (one arm per seed): the test ``metric`` of every fold model
-    together, so the per-fold mean comes with its standard error."""
+    together, so the per-fold mean comes with its standard error; and per fold the ensemble of the seeds (models
+    trained on the same patients: what averaging away training noise alone gives)."""
     import numpy as np
 
-    runs = sorted(p for n in names if n in dirs for p in dirs[n].glob("fold*/test/summary.json"))
-    if len(runs) < 2:
+    if sum(n in dirs for n in names) < 2:  # one seed: the arm's own row says it all
         return ""
+    runs = sorted(p for n in names if n in dirs for p in dirs[n].glob("fold*/test/summary.json"))
     v = np.array([json.loads(p.read_text())["metrics"][metric] for p in runs])
     std = v.std(ddof=1)
-    return (
+    text = (
         f"Fold models of {', '.join(n for n in names if n in dirs)} together ({len(v)} runs): test {metric} "
         f"{v.mean():.3f} ± {std:.3f} (sample std; standard error of the mean {std / np.sqrt(len(v)):.3f}; "
         f"range {v.min():.3f} to {v.max():.3f})."
     )
+    folds = sorted({p.parent.parent.name for p in runs})
+    by_fold = {f: [p.parent.parent for p in runs if p.parent.parent.name == f] for f in folds}
+    seeds = {f: ensemble_metric(d, metric) for f, d in by_fold.items() if len(d) > 1}
+    if seeds:
+        text += (
+            " Per fold, the ensemble of its training seeds (same training patients): "
+            + ", ".join(f"{f} {m:.3f}" for f, m in seeds.items())
+            + f" (mean {np.mean(list(seeds.values())):.3f})."
+        )
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--work", default=str(REPO / ".cache" / "benchmarks" / "fusion_phantom"))
+    parser.add_argument(
+        "--work", default=None, help="work folder (default: .cache/benchmarks/fusion_phantom[_nN])"
+    )
     parser.add_argument("--only", nargs="*", default=None, help="arm names to run (default: all)")
     parser.add_argument("--summary-only", action="store_true", help="only aggregate the finished runs")
+    parser.add_argument(
+        "--folds", nargs="*", type=int, default=list(FOLDS), help="folds to pre-train and run (default: all)"
+    )
+    parser.add_argument(
+        "--n-cases",
+        type=int,
+        default=None,
+        help="another phantom size (same seed and spec): its own work folder and results/fusion_phantom_nN.*",
+    )
     args = parser.parse_args(argv)
-    work = Path(args.work).resolve()
-    for fold in FOLDS:  # pre-training per fold: it never sees that fold's validation or test patients
-        pretrain(work, "mda", fold)
+    suffix = f"_n{args.n_cases}" if args.n_cases else ""
+    work = Path(args.work or REPO / ".cache" / "benchmarks" / f"fusion_phantom{suffix}").resolve()
+    extra = [f"data.layout.n_cases={args.n_cases}"] if args.n_cases else []
+    for fold in args.folds:  # pre-training per fold: it never sees that fold's validation or test patients
+        pretrain(work, "mda", fold, extra=extra)
     encoder = str(work / "pretrain" / "mda" / "fold{fold}" / "checkpoints" / "encoder.pt")
     table = arms(encoder)
-    dirs = run_arms(work, table, FOLDS, only=args.only, summary_only=args.summary_only)
+    dirs = run_arms(work, table, args.folds, extra=extra, only=args.only, summary_only=args.summary_only)
     notes = (
-        f"Phantom seed {PHANTOM_SEED} (450 cases, 16x64x64, untuned), split seed 0 (test 20 %, 3 folds), training "
-        f"seed {TRAIN_SEED}; encoder `resnet10_cpu`; SimSiam (MDA, `+experiment=simsiam_pretrain`) pre-trained per "
-        "fold on that fold's training patients. Command: `python benchmarks/fusion_phantom.py`."
+        f"Phantom seed {PHANTOM_SEED} ({args.n_cases or 450} cases, 16x64x64, untuned), split seed 0 (test 20 %, "
+        f"3 folds), training seed {TRAIN_SEED}; encoder `resnet10_cpu`; SimSiam (MDA, `+experiment=simsiam_pretrain`) "
+        "pre-trained per fold on that fold's training patients. Command: `python benchmarks/fusion_phantom.py"
+        + (f" --n-cases {args.n_cases}" if args.n_cases else "")
+        + (f" --only {' '.join(args.only)}" if args.only else "")
+        + "`."
     )
     names = list(dirs)
     pairs = [(names[0], n) for n in names[1:]]  # the probe against every other arm
@@ -340,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = summarise(
         dirs,
         work,
-        "fusion_phantom",
-        "Fusion on the phantom",
+        f"fusion_phantom{suffix}",
+        "Fusion on the phantom" + (f" ({args.n_cases} cases)" if args.n_cases else ""),
         notes,
         pairs=pairs,
         figures=figures,

@@ -167,3 +167,32 @@ def test_regular_install_finds_conf(tmp_path):
         timeout=60,
     )
     assert str(tmp_path / "site") in import_path.stdout  # the wheel's copy was used, not the repository's
+
+
+def test_tuning_variants_compose(tmp_path):
+    """Every override of benchmarks/fusion_tuning.py composes with the preset, and a transform-list override
+    builds a pipeline that keeps a case's (M, D, H, W) stack shape (one spatial draw for all phases)."""
+    import sys
+
+    import torch
+
+    from liverfusion.data.transforms import build_transform
+
+    sys.path.insert(0, str(CONF.parents[1] / "benchmarks"))
+    try:
+        import fusion_tuning
+    finally:
+        sys.path.pop(0)
+    for name, overrides in fusion_tuning.VARIANTS.items():
+        cfg = compose_train(["+experiment=cgc_finetune", *overrides], tmp_path)
+        OmegaConf.resolve(cfg)
+        if any(o.startswith("data.train_transform=") for o in overrides):
+            pipeline = build_transform(instantiate(cfg.data.train_transform))
+            x = torch.rand(1, 16, 64, 64).expand(8, -1, -1, -1).clone()  # 8 identical phases
+            outs = [torch.as_tensor(pipeline(x)) for _ in range(5)]
+            for y in outs:
+                assert tuple(y.shape) == tuple(x.shape), name
+                assert torch.allclose(y, y[:1].expand_as(y)), f"{name}: phases of a case got different draws"
+            assert any(not torch.allclose(y, x) for y in outs), (
+                f"{name}: the augmentation never changed a case"
+            )
