@@ -316,9 +316,10 @@ def seed_spread(dirs: dict[str, Path], names: Sequence[str], metric: str = "macr
         f"{v.mean():.3f} ± {std:.3f} (sample std; standard error of the mean {std / np.sqrt(len(v)):.3f}; "
         f"range {v.min():.3f} to {v.max():.3f})."
     )
-    folds = sorted({p.parent.parent.name for p in runs})
-    by_fold = {f: [p.parent.parent for p in runs if p.parent.parent.name == f] for f in folds}
-    seeds = {f: ensemble_metric(d, metric) for f, d in by_fold.items() if len(d) > 1}
+    by_fold: dict[str, list[Path]] = {}
+    for p in runs:  # <arm>/<fold>/test/summary.json
+        by_fold.setdefault(p.parent.parent.name, []).append(p.parent.parent)
+    seeds = {f: ensemble_metric(d, metric) for f, d in sorted(by_fold.items()) if len(d) > 1}
     if seeds:
         text += (
             " Per fold, the ensemble of its training seeds (same training patients): "
@@ -355,8 +356,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     encoder = str(work / "pretrain" / "mda" / "fold{fold}" / "checkpoints" / "encoder.pt")
     table = arms(encoder)
     dirs = run_arms(work, table, args.folds, extra=extra, only=args.only, summary_only=args.summary_only)
+    from omegaconf import OmegaConf
+
+    n_cases = args.n_cases or OmegaConf.load(REPO / "conf" / "data" / "phantom.yaml").layout.n_cases
     notes = (
-        f"Phantom seed {PHANTOM_SEED} ({args.n_cases or 450} cases, 16x64x64, untuned), split seed 0 (test 20 %, "
+        f"Phantom seed {PHANTOM_SEED} ({n_cases} cases, 16x64x64, untuned), split seed 0 (test 20 %, "
         f"3 folds), training seed {TRAIN_SEED}; encoder `resnet10_cpu`; SimSiam (MDA, `+experiment=simsiam_pretrain`) "
         "pre-trained per fold on that fold's training patients. Command: `python benchmarks/fusion_phantom.py"
         + (f" --n-cases {args.n_cases}" if args.n_cases else "")
