@@ -39,6 +39,19 @@ FOLDS = (0, 1, 2)
 MODALITIES = ["T2WI", "DWI", "In Phase", "Out Phase", "C-pre", "C+A", "C+V", "C+Delay"]
 
 
+def preset_variant(n_cases: int | None = None, normalize: str | None = None) -> tuple[str, list[str], str]:
+    """A phantom size or intensity normalisation other than the preset's: the suffix of its work folder and
+    results stem, the overrides of its every run (pre-training included), and the normalisation in effect."""
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.load(REPO / "conf" / "data" / "phantom.yaml").preprocess.normalize
+    norm = normalize or preset
+    suffix = (f"_n{n_cases}" if n_cases else "") + (f"_{norm}" if norm != preset else "")
+    extra = [f"data.layout.n_cases={n_cases}"] if n_cases else []
+    extra += [f"data.preprocess.normalize={norm}"] if normalize else []
+    return suffix, extra, norm
+
+
 def base_overrides(work: Path, phantom_seed: int = PHANTOM_SEED) -> list[str]:
     return [
         f"paths.data_dir={work / 'data'}",
@@ -329,6 +342,17 @@ def seed_spread(dirs: dict[str, Path], names: Sequence[str], metric: str = "macr
     return text
 
 
+def best_single(dirs: dict[str, Path], metric: str = "macro_f1") -> list[str]:
+    """The single-phase arm with the best mean test ``metric`` over its finished folds (none: [])."""
+    means = {}
+    for name, d in dirs.items():
+        if name.startswith("single_"):
+            runs = [json.loads(p.read_text()) for p in d.glob("fold*/test/summary.json")]
+            if runs:
+                means[name] = sum(r["metrics"][metric] for r in runs) / len(runs)
+    return [max(means, key=means.get)] if means else []
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -347,10 +371,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="another phantom size (same seed and spec): its own work folder and results/fusion_phantom_nN.*",
     )
+    parser.add_argument(
+        "--normalize",
+        default=None,
+        help="another intensity normalisation than the preset's (e.g. percentile, the preset before the median "
+        "ratio): its own work folder and results/fusion_phantom[_nN]_<normalize>.*",
+    )
     args = parser.parse_args(argv)
-    suffix = f"_n{args.n_cases}" if args.n_cases else ""
+    suffix, extra, normalize = preset_variant(args.n_cases, args.normalize)
     work = Path(args.work or REPO / ".cache" / "benchmarks" / f"fusion_phantom{suffix}").resolve()
-    extra = [f"data.layout.n_cases={args.n_cases}"] if args.n_cases else []
     for fold in args.folds:  # pre-training per fold: it never sees that fold's validation or test patients
         pretrain(work, "mda", fold, extra=extra)
     encoder = str(work / "pretrain" / "mda" / "fold{fold}" / "checkpoints" / "encoder.pt")
@@ -361,27 +390,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     n_cases = args.n_cases or OmegaConf.load(REPO / "conf" / "data" / "phantom.yaml").layout.n_cases
     notes = (
         f"Phantom seed {PHANTOM_SEED} ({n_cases} cases, 16x64x64, untuned), split seed 0 (test 20 %, "
-        f"3 folds), training seed {TRAIN_SEED}; encoder `resnet10_cpu`; SimSiam (MDA, `+experiment=simsiam_pretrain`) "
-        "pre-trained per fold on that fold's training patients. Command: `python benchmarks/fusion_phantom.py"
+        f"3 folds), training seed {TRAIN_SEED}; intensities: {normalize} normalisation; encoder `resnet10_cpu`; "
+        "SimSiam (MDA, `+experiment=simsiam_pretrain`) pre-trained per fold on that fold's training patients. "
+        "Command: `python benchmarks/fusion_phantom.py"
         + (f" --n-cases {args.n_cases}" if args.n_cases else "")
+        + (f" --normalize {args.normalize}" if args.normalize else "")
         + (f" --only {' '.join(args.only)}" if args.only else "")
         + "`."
     )
     names = list(dirs)
-    pairs = [(names[0], n) for n in names[1:]]  # the probe against every other arm
+    pairs = [("cgc_probe", n) for n in names if n != "cgc_probe"]  # the probe against every other arm
     pairs += [  # pre-trained vs scratch, CGC vs early fusion
         ("cgc_finetune", "cgc_scratch"),
         ("cgc_finetune", "cgc_finetune_enc01"),
         ("cgc_scratch", "early_scratch"),
         ("cgc_finetune", "early_scratch"),
     ]
-    figures = ["cgc_finetune", "cgc_scratch", "early_scratch", "cgc_probe", "single_CDelay_probe"]
+    figures = ["cgc_finetune", "cgc_scratch", "early_scratch", "cgc_probe", *best_single(dirs)]
     spread = seed_spread(dirs, ["cgc_finetune", "cgc_finetune_seed1", "cgc_finetune_seed2"])
     text = summarise(
         dirs,
         work,
         f"fusion_phantom{suffix}",
-        "Fusion on the phantom" + (f" ({args.n_cases} cases)" if args.n_cases else ""),
+        "Fusion on the phantom"
+        + (f" ({args.n_cases} cases)" if args.n_cases else "")
+        + (f" ({normalize} normalisation)" if args.normalize else ""),
         notes,
         pairs=pairs,
         figures=figures,

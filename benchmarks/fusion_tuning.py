@@ -109,7 +109,15 @@ VARIANTS: dict[str, list[str]] = {
     "aug_seed1": [AFFINE, "seed=1"],
     # stronger augmentation needs more steps to fit
     "aug_e60": [AFFINE, "trainer.max_epochs=60"],
+    # intensities as ratios to the crop's median (the liver) in place of the 0.5-99.5 percentile window, which
+    # moves with the lesion's own brightness and with tissue outside the liver; pre-training uses it too
+    "median": [],
 }
+# variants with their own preprocessing: these overrides apply to the fold's pre-training as well
+# (its own encoder, "mda_<variant>"), since a fine-tune refuses an encoder pre-trained on other intensities. Every
+# other variant was tuned with the percentile window, the preset of the time, and keeps it.
+PERCENTILE = ["data.preprocess.normalize=percentile"]
+PREPROCESS: dict[str, list[str]] = {"median": ["data.preprocess.normalize=median"]}
 
 
 def ensembles(runs: Path, seeds: Sequence[str] = ("enc10", "enc10_seed1", "enc10_seed2")) -> dict:
@@ -172,8 +180,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     extra = [f"extras.torch_threads={args.threads}"] if args.threads else []
     if args.n_cases:
         extra.append(f"data.layout.n_cases={args.n_cases}")
-    encoder = pretrain(work, "mda", args.fold, extra=extra, phantom_seed=args.phantom_seed)
     for name in args.variants:
+        pre = PREPROCESS.get(name, PERCENTILE)
+        encoder = pretrain(
+            work,
+            f"mda_{name}" if name in PREPROCESS else "mda",
+            args.fold,
+            extra=[*extra, *pre],
+            phantom_seed=args.phantom_seed,
+        )
         out = work / "runs" / name / f"fold{args.fold}"
         run(
             [
@@ -184,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"data.fold={args.fold}",
                 *base_overrides(work, args.phantom_seed),
                 *extra,
+                *pre,
                 *VARIANTS[name],
             ],
             out,
@@ -192,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log = pd.read_csv(next(out.glob("csv/**/metrics.csv")))
         val = log.dropna(subset=["val/macro_f1"])
         entry = {
-            "overrides": VARIANTS[name],
+            "overrides": [*pre, *VARIANTS[name]],
             "val_macro_f1_best": float(val["val/macro_f1"].max()),
             "val_best_epoch": int(val.loc[val["val/macro_f1"].idxmax(), "epoch"]),
             "test_macro_f1": summary["metrics"]["macro_f1"],

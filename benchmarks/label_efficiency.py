@@ -20,7 +20,16 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusion_phantom import FOLDS, PHANTOM_SEED, REPO, TRAIN_SEED, pretrain, run_arms, summarise
+from fusion_phantom import (
+    FOLDS,
+    PHANTOM_SEED,
+    REPO,
+    TRAIN_SEED,
+    preset_variant,
+    pretrain,
+    run_arms,
+    summarise,
+)
 
 FRACTIONS = (0.1, 1.0)
 
@@ -49,8 +58,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--work",
-        default=str(REPO / ".cache" / "benchmarks" / "fusion_phantom"),
-        help="shared with fusion_phantom.py (phantom, encoders, 100 % runs)",
+        default=None,
+        help="shared with fusion_phantom.py (phantom, encoders, 100 % runs); default: its work folder",
+    )
+    parser.add_argument(
+        "--normalize",
+        default=None,
+        help="as fusion_phantom.py --normalize: another normalisation than the preset's, its own folders",
     )
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument(
@@ -62,10 +76,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--summary-only", action="store_true", help="only aggregate the finished runs")
     args = parser.parse_args(argv)
-    work = Path(args.work).resolve()
+    suffix, extra, normalize = preset_variant(normalize=args.normalize)
+    work = Path(args.work or REPO / ".cache" / "benchmarks" / f"fusion_phantom{suffix}").resolve()
     for fold in FOLDS:
-        pretrain(work, "mda", fold)
-        pretrain(work, "same", fold, extra=["data.pairs.policy=same", "task_name=simsiam_same_modality"])
+        pretrain(work, "mda", fold, extra=extra)
+        pretrain(
+            work,
+            "same",
+            fold,
+            extra=[*extra, "data.pairs.policy=same", "task_name=simsiam_same_modality"],
+        )
     table = arms(work)
     dirs: dict[str, Path] = {}
     for frac in args.fractions:
@@ -83,14 +103,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             sub[f"{name}@{tag}"] = [*overrides, f"data.label_fraction={frac}"]
         lw = work / "label_efficiency"
         only = [f"{o}@{tag}" for o in args.only] if args.only else None
-        dirs.update(run_arms(lw, sub, FOLDS, only=only, summary_only=args.summary_only))
+        dirs.update(run_arms(lw, sub, FOLDS, extra=extra, only=only, summary_only=args.summary_only))
     # run_arms writes under <lw>/runs; reused 100 % runs stay where fusion_phantom.py put them
     notes = (
         f"Phantom seed {PHANTOM_SEED} (450 cases, untuned), split seed 0, folds {list(FOLDS)}, training seed "
-        f"{TRAIN_SEED}. 10 %: `data.label_fraction=0.1` (class-stratified share of each fold's training patients, "
-        "at least one per class; validation/test fully labelled). Encoders pre-trained per fold on the fold's "
+        f"{TRAIN_SEED}; intensities: {normalize} normalisation. 10 %: `data.label_fraction=0.1` (class-stratified "
+        "share of each fold's training patients, at least one per class; validation/test fully labelled). Encoders pre-trained per fold on the fold's "
         "training patients: MDA (`+experiment=simsiam_pretrain`, cross-phase pairs) and same-modality "
-        "(`data.pairs.policy=same`). Command: `python benchmarks/label_efficiency.py`."
+        "(`data.pairs.policy=same`). Command: `python benchmarks/label_efficiency.py"
+        + (f" --normalize {args.normalize}" if args.normalize else "")
+        + "`."
     )
     order = [f"{a}@labels{int(f * 100)}" for f in args.fractions for a in table]
     dirs = {k: dirs[k] for k in order if k in dirs}
@@ -106,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         summarise(
             dirs,
             work / "label_efficiency",
-            "label_efficiency",
-            "Label efficiency on the phantom",
+            f"label_efficiency{suffix}",
+            "Label efficiency on the phantom" + (f" ({normalize} normalisation)" if args.normalize else ""),
             notes,
             embedding="tsne",
             pairs=pairs,

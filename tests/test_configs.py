@@ -10,6 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from liverfusion.data.preprocess import PreprocessConfig
 from liverfusion.utils.hydra_utils import CONFIG_DIR
 
 CONF = Path(CONFIG_DIR)
@@ -184,8 +185,10 @@ def test_tuning_variants_compose(tmp_path):
     finally:
         sys.path.pop(0)
     for name, overrides in fusion_tuning.VARIANTS.items():
-        cfg = compose_train(["+experiment=cgc_finetune", *overrides], tmp_path)
+        pre = fusion_tuning.PREPROCESS.get(name, fusion_tuning.PERCENTILE)
+        cfg = compose_train(["+experiment=cgc_finetune", *pre, *overrides], tmp_path)
         OmegaConf.resolve(cfg)
+        PreprocessConfig(**cfg.data.preprocess)  # a valid preprocessing for pre-training and fine-tune alike
         if any(o.startswith("data.train_transform=") for o in overrides):
             pipeline = build_transform(instantiate(cfg.data.train_transform))
             x = torch.rand(1, 16, 64, 64).expand(8, -1, -1, -1).clone()  # 8 identical phases

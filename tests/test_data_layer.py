@@ -224,6 +224,46 @@ def test_spacing_mode_resamples_then_fits_shape(tmp_path):
         PreprocessConfig(mode="spacing")
 
 
+def test_median_normalisation_is_a_ratio_to_the_dominant_tissue(tmp_path):
+    from liverfusion.data.preprocess import Preprocessor
+
+    rng = np.random.default_rng(0)
+    liver = rng.normal(500.0, 10.0, size=(8, 16, 16)).astype(np.float32)
+    liver[3:5, 6:10, 6:10] = 1000.0  # a lesion twice as bright as the liver
+    pre = Preprocessor(PreprocessConfig(shape=(8, 16, 16), normalize="median"))
+    outs = []
+    for gain in (1.0, 3.7):  # a scanner gain leaves the ratios unchanged
+        save_volume(tmp_path / f"g{gain}.nii.gz", liver * gain)
+        outs.append(pre(load_volume(tmp_path / f"g{gain}.nii.gz")))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5)
+    assert abs(np.median(outs[0]) - 1.0) < 1e-6
+    # the lesion keeps its ratio: not clipped, unlike a percentile window
+    np.testing.assert_allclose(outs[0][3:5, 6:10, 6:10], 2.0, rtol=0.05)
+    # with nonzero the background (zeros around a brain, say) does not count
+    brain = np.zeros((8, 16, 16), np.float32)
+    brain[:, 4:12, 4:12] = 300.0
+    save_volume(tmp_path / "brain.nii.gz", brain)
+    nz = Preprocessor(PreprocessConfig(shape=(8, 16, 16), normalize="median", nonzero=True))
+    assert nz(load_volume(tmp_path / "brain.nii.gz")).max() == pytest.approx(1.0)
+
+
+def test_median_normalisation_of_a_mostly_empty_volume_names_the_file(lld, tmp_path):
+    target = lld / "images" / "P0003" / "DWI.nii.gz"
+    a = np.zeros((6, 16, 16), np.float32)
+    a[:2, :4, :4] = 5.0  # median 0: most voxels carry no signal
+    save_volume(target, a)
+    dm = ClassificationDataModule(
+        layout(lld),
+        preprocess={"shape": [4, 8, 8], "normalize": "median"},
+        cache_dir=tmp_path / "cache",
+        split={"n_folds": 2, "test_fraction": 0.0, "save_to": None},
+        progress=False,
+    )
+    with pytest.raises(DataError, match="positive median") as info:
+        dm.setup()
+    assert "P0003" in str(info.value) and str(target) in str(info.value)
+
+
 def test_union_and_folder_layouts(lld, tmp_path):
     for i in range(2):
         save_volume(tmp_path / "pool" / f"image_{i}.nii.gz", np.random.rand(4, 8, 8).astype(np.float32))

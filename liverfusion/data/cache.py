@@ -135,7 +135,10 @@ def _build_one(args: tuple[Case, Path, list[str], PreprocessConfig]) -> None:
             "min": float(vol.array.min()),
             "max": float(vol.array.max()),
         }
-        arrays.append(pre(vol))
+        try:
+            arrays.append(pre(vol))
+        except ValueError as err:  # e.g. normalisation that the volume's intensities do not allow
+            raise DataError(str(err), path=vol.path, case=case.case_id) from None
     stack = np.stack(arrays).astype(dtype)
     with atomic_path(path) as tmp:
         np.save(tmp, stack)
