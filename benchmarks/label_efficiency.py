@@ -25,6 +25,7 @@ from fusion_phantom import (
     PHANTOM_SEED,
     REPO,
     TRAIN_SEED,
+    base_overrides,
     preset_variant,
     pretrain,
     run_arms,
@@ -103,8 +104,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             sub[f"{name}@{tag}"] = [*overrides, f"data.label_fraction={frac}"]
         lw = work / "label_efficiency"
         only = [f"{o}@{tag}" for o in args.only] if args.only else None
-        dirs.update(run_arms(lw, sub, FOLDS, extra=extra, only=only, summary_only=args.summary_only))
-    # run_arms writes under <lw>/runs; reused 100 % runs stay where fusion_phantom.py put them
+        # runs go under <lw>/runs and read fusion_phantom.py's phantom and cache (not a second generated copy that
+        # two label-fraction processes would write at once); reused 100 % runs stay where it put them
+        dirs.update(
+            run_arms(
+                lw,
+                sub,
+                FOLDS,
+                extra=extra,
+                only=only,
+                base=base_overrides(work),
+                summary_only=args.summary_only,
+            )
+        )
     notes = (
         f"Phantom seed {PHANTOM_SEED} (450 cases, untuned), split seed 0, folds {list(FOLDS)}, training seed "
         f"{TRAIN_SEED}; intensities: {normalize} normalisation. 10 %: `data.label_fraction=0.1` (class-stratified "
