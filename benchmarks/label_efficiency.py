@@ -120,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     notes = (
         f"Phantom seed {PHANTOM_SEED} (450 cases, untuned), split seed 0, folds {list(FOLDS)}, training seed "
         f"{TRAIN_SEED}; intensities: {normalize} normalisation. 10 %: `data.label_fraction=0.1` (class-stratified "
-        "share of each fold's training patients, at least one per class; validation/test fully labelled). Encoders pre-trained per fold on the fold's "
-        "training patients: MDA (`+experiment=simsiam_pretrain`, cross-phase pairs) and same-modality "
+        "share of each fold's training patients, at least one per class; validation/test fully labelled). "
+        "Encoders pre-trained per fold on the fold's training patients: MDA (`+experiment=simsiam_pretrain`, cross-phase pairs) and same-modality "
         "(`data.pairs.policy=same`). Command: `python benchmarks/label_efficiency.py"
         + (f" --normalize {args.normalize}" if args.normalize else "")
         + "`."
