@@ -387,9 +387,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     dirs = run_arms(work, table, args.folds, extra=extra, only=args.only, summary_only=args.summary_only)
     from omegaconf import OmegaConf
 
-    n_cases = args.n_cases or OmegaConf.load(REPO / "conf" / "data" / "phantom.yaml").layout.n_cases
+    data = OmegaConf.load(REPO / "conf" / "data" / "phantom.yaml")
+    n_cases = args.n_cases or data.layout.n_cases
+    shape = "x".join(map(str, data.preprocess.shape))
     notes = (
-        f"Phantom seed {PHANTOM_SEED} ({n_cases} cases, 16x64x64, untuned), split seed 0 (test 20 %, "
+        f"Phantom seed {PHANTOM_SEED} ({n_cases} cases, {shape}, untuned), split seed 0 (test 20 %, "
         f"3 folds), training seed {TRAIN_SEED}; intensities: {normalize} normalisation; encoder `resnet10_cpu`; "
         "SimSiam (MDA, `+experiment=simsiam_pretrain`) pre-trained per fold on that fold's training patients. "
         "Command: `python benchmarks/fusion_phantom.py"

@@ -29,6 +29,7 @@ from fusion_phantom import (
     arms,
     base_overrides,
     ensemble_metric,
+    preset_variant,
     pretrain,
     run,
 )
@@ -111,13 +112,18 @@ VARIANTS: dict[str, list[str]] = {
     "aug_e60": [AFFINE, "trainer.max_epochs=60"],
     # intensities as ratios to the crop's median (the liver) in place of the 0.5-99.5 percentile window, which
     # moves with the lesion's own brightness and with tissue outside the liver; pre-training uses it too
-    "median": [],
+    "median": ["data.preprocess.normalize=median"],
 }
-# variants with their own preprocessing: these overrides apply to the fold's pre-training as well
-# (its own encoder, "mda_<variant>"), since a fine-tune refuses an encoder pre-trained on other intensities. Every
-# other variant was tuned with the percentile window, the preset of the time, and keeps it.
-PERCENTILE = ["data.preprocess.normalize=percentile"]
-PREPROCESS: dict[str, list[str]] = {"median": ["data.preprocess.normalize=median"]}
+# every variant without a preprocessing override of its own was tuned with the percentile window, the preset of the
+# time, and keeps it
+PERCENTILE = "data.preprocess.normalize=percentile"
+
+
+def preprocessing(name: str) -> list[str]:
+    """The preprocessing overrides of a variant, which its fold's pre-training must share (a fine-tune refuses an
+    encoder pre-trained on other intensities): its own ``data.preprocess.*`` ones, else the percentile window."""
+    own = [o for o in VARIANTS[name] if o.startswith("data.preprocess.")]
+    return own or [PERCENTILE]
 
 
 def ensembles(runs: Path, seeds: Sequence[str] = ("enc10", "enc10_seed1", "enc10_seed2")) -> dict:
@@ -168,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.phantom_seed == PHANTOM_SEED:
         parser.error(f"phantom seed {PHANTOM_SEED} is the benchmark's: never tune on it")
-    tag = f"seed{args.phantom_seed}" + (f"_n{args.n_cases}" if args.n_cases else "")
+    size_suffix, size_extra, _ = preset_variant(n_cases=args.n_cases)
+    tag = f"seed{args.phantom_seed}{size_suffix}"
     work = Path(args.work).resolve() / tag
     out_json = RESULTS / "fusion_tuning.json"
     if args.ensembles:
@@ -177,14 +184,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         atomic_write_text(out_json, json.dumps(results, indent=1))
         print(json.dumps(found, indent=1))
         return
-    extra = [f"extras.torch_threads={args.threads}"] if args.threads else []
-    if args.n_cases:
-        extra.append(f"data.layout.n_cases={args.n_cases}")
+    extra = [*size_extra, *([f"extras.torch_threads={args.threads}"] if args.threads else [])]
     for name in args.variants:
-        pre = PREPROCESS.get(name, PERCENTILE)
+        pre = preprocessing(name)
+        pinned = pre if pre == [PERCENTILE] else []  # a variant's own preprocessing is among its overrides
         encoder = pretrain(
             work,
-            f"mda_{name}" if name in PREPROCESS else "mda",
+            "mda" if pinned else f"mda_{name}",
             args.fold,
             extra=[*extra, *pre],
             phantom_seed=args.phantom_seed,
@@ -199,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"data.fold={args.fold}",
                 *base_overrides(work, args.phantom_seed),
                 *extra,
-                *pre,
+                *pinned,
                 *VARIANTS[name],
             ],
             out,
@@ -208,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log = pd.read_csv(next(out.glob("csv/**/metrics.csv")))
         val = log.dropna(subset=["val/macro_f1"])
         entry = {
-            "overrides": [*pre, *VARIANTS[name]],
+            "overrides": [*pinned, *VARIANTS[name]],
             "val_macro_f1_best": float(val["val/macro_f1"].max()),
             "val_best_epoch": int(val.loc[val["val/macro_f1"].idxmax(), "epoch"]),
             "test_macro_f1": summary["metrics"]["macro_f1"],

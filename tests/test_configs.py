@@ -185,7 +185,7 @@ def test_tuning_variants_compose(tmp_path):
     finally:
         sys.path.pop(0)
     for name, overrides in fusion_tuning.VARIANTS.items():
-        pre = fusion_tuning.PREPROCESS.get(name, fusion_tuning.PERCENTILE)
+        pre = fusion_tuning.preprocessing(name)
         cfg = compose_train(["+experiment=cgc_finetune", *pre, *overrides], tmp_path)
         OmegaConf.resolve(cfg)
         PreprocessConfig(**cfg.data.preprocess)  # a valid preprocessing for pre-training and fine-tune alike
