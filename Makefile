@@ -16,7 +16,7 @@ help:  ## show this help
 $(STAMP): pyproject.toml
 	@mkdir -p .make
 	@if ! $(PYTHON) -c "import torch" 2>/dev/null; then \
-		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install "torch>=2.4"; \
+		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install "torch>=2.6"; \
 		else $(PIP) install "$(TORCH_CPU)"; fi; \
 	fi
 	$(PIP) install -e ".[dev]"

@@ -20,7 +20,6 @@ import csv
 import io
 import json
 import logging
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from liverfusion.errors import CheckpointError, ConfigError, DataError, LiverfusionError
+from liverfusion.errors import CheckpointError, ConfigError, DataError
 from liverfusion.metrics import (
     UndefinedMetricWarning,
     bootstrap_ci,
@@ -46,6 +45,7 @@ from liverfusion.metrics import (
 from liverfusion.models.classifier_net import EncodedModalities, FusionClassifierNet
 from liverfusion.models.encoder_base import plain
 from liverfusion.utils.atomic import atomic_write_bytes, atomic_write_text
+from liverfusion.utils.cli import cli_errors
 
 log = logging.getLogger(__name__)
 
@@ -576,11 +576,15 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
 
 def _best_in_run(run: Path) -> Path | None:
     """The selected checkpoint of one training run: recorded in test/summary.json, else the non-last .ckpt."""
+    from liverfusion.utils.run_folder import file_in_run
+
     summary = run / "test" / "summary.json"
-    if summary.is_file():
-        best = json.loads(summary.read_text()).get("best_checkpoint")
-        if best and Path(best).is_file():
-            return Path(best)
+    if (
+        summary.is_file()
+    ):  # the recorded path is looked up inside this run only (a copy never reads the original)
+        best = file_in_run(run, json.loads(summary.read_text()).get("best_checkpoint"))
+        if best is not None:
+            return best
     ckpts = sorted(p for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
     if len(ckpts) == 1:
         return ckpts[0]
@@ -610,10 +614,20 @@ def find_checkpoints(path: str | Path) -> list[Path]:
 
 def check_ensemble(models: Sequence[LoadedClassifier]) -> dict[str, Any]:
     """All members must agree on modalities, classes, preprocessing and crop; return the shared metadata."""
+    from liverfusion.data.preprocess import PreprocessConfig
+
+    def comparable(
+        meta: Mapping[str, Any], key: str
+    ) -> Any:  # a member without `orientation` reads as `none`
+        value = meta.get(key)
+        if key == "preprocess" and isinstance(value, Mapping):
+            return PreprocessConfig.from_dict(value, key="checkpoint preprocess").as_dict()
+        return value
+
     first = models[0].meta
     for m in models[1:]:
         for key in ("modalities", "class_names", "preprocess", "eval_crop"):
-            if m.meta.get(key) != first.get(key):
+            if comparable(m.meta, key) != comparable(first, key):
                 raise CheckpointError(
                     f"ensemble members disagree on {key}: {models[0].path} has {first.get(key)!r}, {m.path} has "
                     f"{m.meta.get(key)!r}"
@@ -656,7 +670,17 @@ def _apply_checkpoint_data(cfg: Any, meta: Mapping[str, Any], single: bool) -> N
         if "modalities" in layout or "patterns" not in layout:
             layout.modalities = list(meta["modalities"])
         if "class_names" in layout and layout.class_names:
-            layout.class_names = list(meta["class_names"])
+            ours, theirs = list(layout.class_names), list(meta["class_names"])
+            if ours != theirs:
+                if not cfg.get("override_class_names", False):
+                    raise ConfigError(
+                        f"data.layout.class_names: the data set's classes {ours} differ from the model's {theirs}: "
+                        "its labels would be scored as the model's classes",
+                        fix="evaluate on data with the model's classes, or pass override_class_names=true to "
+                        "score with the model's names anyway",
+                    )
+                log.warning("override_class_names: the data set's classes %s are scored as %s", ours, theirs)
+            layout.class_names = theirs
         cfg.data.preprocess = OmegaConf.create(meta["preprocess"])
         cfg.data.eval_crop = meta.get("eval_crop")
         if meta.get("split") and meta.get("dataset") == layout.get("name"):
@@ -724,15 +748,11 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@cli_errors
 def main(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    try:
-        evaluate(cfg)
-    except LiverfusionError as err:  # the user's data, config or checkpoint: say what and where
-        log.error("%s: %s", type(err).__name__, err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -13,23 +13,25 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from liverfusion.errors import CheckpointError, LiverfusionError
 from liverfusion.utils import hydra_utils  # noqa: F401  (registers resolvers)
+from liverfusion.utils.cli import cli_errors
+from liverfusion.utils.run_folder import file_in_run, load_run_config
 
 log = logging.getLogger(__name__)
 
 
 def checkpoint_is_readable(path: Path) -> str | None:
-    """None when ``path`` loads as a Lightning checkpoint; otherwise the reason it does not."""
+    """None when ``path`` loads safely as a Lightning checkpoint; otherwise the reason it does not (a truncated
+    file, a pickle payload, interpolating metadata, no state_dict)."""
+    from liverfusion.modules.encoder_loading import safe_load
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip/pickle errors of truncated or corrupt files come in many types
-        if "Unsupported global" in str(exc):  # intact file holding a class the safe loader will not build
-            return None
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"[:300]
+        obj = safe_load(path)
+    except LiverfusionError as exc:
+        return str(exc).removeprefix(f"{path}: ")[:300]
     if not isinstance(obj, dict) or "state_dict" not in obj:
         return "not a Lightning checkpoint (no state_dict)"
     return None
@@ -57,28 +59,24 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Path:
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """The run's saved config, rebased onto ``run_dir`` (a copied or moved run resumes inside itself), with the
+    newest readable checkpoint of ``run_dir/checkpoints`` as ``ckpt_path``."""
     run_dir = Path(run_dir).expanduser().resolve()
-    saved = run_dir / "config_resolved.yaml"
-    if not saved.is_file():
-        raise CheckpointError(f"{saved} is missing: is {run_dir} a liverfusion run directory?")
-    cfg = OmegaConf.load(saved)
+    cfg = load_run_config(run_dir)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    ckpt_dir = (
-        Path(cfg.callbacks.model_checkpoint.dirpath)
-        if cfg.get("callbacks") and cfg.callbacks.get("model_checkpoint")
-        else run_dir / "checkpoints"
-    )
+    ckpt_dir = run_dir / "checkpoints"
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
         cfg.ckpt_path = str(find_resume_checkpoint(ckpt_dir))
-        run_id = run_dir / "wandb_run_id.txt"
-        if run_id.is_file() and cfg.get("logger") and cfg.logger.get("wandb"):
+        run_id = file_in_run(run_dir, "wandb_run_id.txt", subdir=".")
+        if run_id is not None and cfg.get("logger") and cfg.logger.get("wandb"):
             cfg.logger.wandb.id = run_id.read_text().strip()
             cfg.logger.wandb.resume = "allow"
     return cfg
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,13 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from liverfusion.train import train
 
-    try:
-        cfg = resume_config(args.run_dir, args.overrides)
-        print(f"resuming {args.run_dir} from {cfg.ckpt_path}")
-        train(cfg)
-    except LiverfusionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    cfg = resume_config(args.run_dir, args.overrides)
+    print(f"resuming {args.run_dir} from {cfg.ckpt_path}")
+    train(cfg)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from liverfusion.errors import ConfigError, LiverfusionError
 from liverfusion.utils.atomic import atomic_write_text
+from liverfusion.utils.cli import cli_errors
 from liverfusion.utils.hydra_utils import (
     apply_extras,
     close_loggers,
@@ -30,7 +30,7 @@ from liverfusion.utils.hydra_utils import (
 from liverfusion.utils.privacy import ids_in_text, without_secrets
 
 log = logging.getLogger(__name__)
-PUBLIC_DEFAULT_SALT = "liverfusion"  # conf/train.yaml's fallback when LIVERFUSION_PRIVACY_SALT is unset
+from liverfusion.utils.run_folder import PUBLIC_DEFAULT_SALT  # noqa: E402
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -50,6 +50,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     output_dir = _output_dir(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    _check_trainer_values(cfg)
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
@@ -93,18 +94,44 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "output_dir": output_dir,
         }
 
+        if cfg.get("ckpt_path"):
+            _check_ckpt_path(str(cfg.ckpt_path), model)
         if cfg.get("train", True):
-            trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):
             ckpt = "best" if cfg.get("train", True) and _has_best(trainer) else cfg.get("ckpt_path")
             if ckpt is not None:
                 _test_saved_weights(trainer)
-            trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt)
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     finally:
         close_loggers()
     return metrics, objects
+
+
+def _check_ckpt_path(path: str, model: Any) -> None:
+    """``ckpt_path`` must be a safe checkpoint of the model being trained: read it as data first (a pickle payload
+    or interpolating metadata is refused by name), then compare its kind and weight names with the model's."""
+    from liverfusion.modules.encoder_loading import checkpoint_kind, safe_load
+
+    obj = safe_load(path)
+    kind = checkpoint_kind(obj)
+    state = obj.get("state_dict") if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or "pytorch-lightning_version" not in obj:
+        raise ConfigError(
+            f"ckpt_path {path}: a {kind} file, not a Lightning checkpoint to resume",
+            fix="an encoder.pt initialises a classifier through model.pretrained.path",
+        )
+    ours = set(model.state_dict())
+    if set(state) != ours:
+        want = type(model).__name__
+        raise ConfigError(
+            f"ckpt_path {path}: a {kind} checkpoint whose weights do not fit this run's {want} "
+            f"({len(set(state) - ours)} unexpected, {len(ours - set(state))} missing keys)",
+            fix="pass a checkpoint of the same experiment; to fine-tune from a pre-training run use "
+            "model.pretrained.path=<run>/checkpoints/encoder.pt",
+        )
 
 
 def _test_saved_weights(trainer: L.Trainer) -> None:
@@ -122,6 +149,20 @@ def _test_saved_weights(trainer: L.Trainer) -> None:
             "testing the checkpoint's averaged weights (weight averaging callback detached for the test)"
         )
         trainer.callbacks = kept
+
+
+def _check_trainer_values(cfg: DictConfig) -> None:
+    """Epoch and step counts Lightning would reject deep inside (or silently accept as 'train nothing')."""
+    t = cfg.get("trainer") or {}
+    for key in ("max_epochs", "max_steps"):
+        value = t.get(key)
+        if value is None or value == -1:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(
+                f"trainer.{key}={value!r}: expected a positive integer (or -1 for no limit)",
+                fix=f"set trainer.{key} to e.g. 20",
+            )
 
 
 def _public_names(cfg: DictConfig) -> list[str]:
@@ -176,21 +217,23 @@ def _has_best(trainer: L.Trainer) -> bool:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+@cli_errors
+def _hydra_main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    try:
-        metrics, _ = train(cfg)
-    except LiverfusionError as err:  # the user's data or config: say what and where, no torch stack trace
-        log.error("%s: %s", type(err).__name__, err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    metrics, _ = train(cfg)
     name = cfg.get("optimized_metric")
     if name:
         if name not in metrics:
             raise KeyError(f"optimized_metric {name!r} was not logged; logged: {sorted(metrics)}")
         return metrics[name]
     return None
+
+
+@cli_errors
+def main() -> float | None:
+    """Console script / ``python -m``: Hydra's own failures (a run folder that cannot be created) get one line too."""
+    return _hydra_main()
 
 
 if __name__ == "__main__":

@@ -315,5 +315,5 @@ def test_evaluate_refuses_an_encoder_file(tmp_path):
         text=True,
         timeout=120,
     )
-    assert out.returncode == 1
+    assert out.returncode == 2  # a problem the user can fix (liverfusion.utils.cli)
     assert "not a liverfusion classifier checkpoint" in out.stderr and "Traceback" not in out.stderr

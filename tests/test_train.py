@@ -87,7 +87,7 @@ def test_cli_reports_bad_data_without_a_trace(tmp_path):
         f"paths.log_dir={tmp_path / 'logs'}",
     ]
     out = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
+    assert out.returncode == 2  # a problem the user can fix (liverfusion.utils.cli)
     assert "data folder does not exist" in out.stderr
     assert "Traceback" not in out.stderr
     assert str(Path(tmp_path / "nowhere")) in out.stderr

@@ -2,7 +2,8 @@
 
 Scans the layout, decodes and caches every volume once (the cache lives outside the data folder), builds the
 patient-level split, and prints one table. A fatal problem (missing/unreadable/NaN/constant file, unknown label,
-duplicate case, a patient in two splits) prints the file and the reason and exits with status 1.
+duplicate case, a patient in two splits) prints the file and the reason and exits with status 1. Modalities of one
+case that disagree in stored orientation, grid or field of view are warned about by case, modality and file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,67 @@ from liverfusion.data.cache import clear_cache
 from liverfusion.data.datamodule import MultiModalDataModule
 from liverfusion.errors import LiverfusionError
 from liverfusion.utils import hydra_utils  # noqa: F401  (registers resolvers)
+
+_WORLD_AXIS = {"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}
+
+
+def _world_grid(raw: dict[str, Any]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Shape and spacing in world (x, y, z) order when the file's axis codes are known (so an axis permutation
+    that reorientation undoes is no grid difference), else as stored (i, j, k)."""
+    shape, spacing = list(raw["shape"])[::-1], list(raw["spacing"])[::-1]  # (D, H, W) -> (i, j, k)
+    codes = raw.get("axcodes") or ""
+    if len(codes) == 3:
+        order = sorted(range(3), key=lambda i: _WORLD_AXIS[codes[i]])
+        shape, spacing = [shape[i] for i in order], [spacing[i] for i in order]
+    return tuple(int(n) for n in shape), tuple(float(v) for v in spacing)
+
+
+def geometry_problems(case: Any, raw: dict[str, dict[str, Any]], orientation: str) -> list[str]:
+    """Warnings for the modalities of one case that disagree with the case's reference modality (its most common
+    stored orientation, else the first modality): stored axis codes, grid (shape, spacing) and field of view (the
+    world box the voxels cover, beyond one voxel of the coarser grid). Each names case, modality and file."""
+    mods = [m for m in raw if m in case.images]
+    if len(mods) < 2:
+        return []
+    codes = {m: raw[m].get("axcodes") for m in mods}
+    common = Counter(codes.values()).most_common(1)[0][0]
+    ref = next(m for m in mods if codes[m] == common)
+    out: list[str] = []
+
+    def where(m: str) -> str:
+        return f"case {case.case_id}: {m!r} ({case.images[m]})"
+
+    for m in mods:
+        if m == ref:
+            continue
+        mine, theirs = codes[m] or "unknown", codes[ref] or "unknown"
+        if mine != theirs:
+            if not codes[m] or not codes[ref]:
+                done = "a file without orientation is read as stored, so they may be mirrored"
+            elif orientation == "none":
+                done = "fed to the model as stored, mirrored or rotated; set data.preprocess.orientation=RAS"
+            else:
+                done = f"both reoriented to {orientation} on load"
+            out.append(f"{where(m)} is stored {mine}, {ref!r} {theirs}: {done}")
+        grid, ref_grid = _world_grid(raw[m]), _world_grid(raw[ref])
+        if grid[0] != ref_grid[0] or not np.allclose(grid[1], ref_grid[1], rtol=1e-3):
+            out.append(
+                f"{where(m)} grid {'x'.join(map(str, grid[0]))} at {'x'.join(f'{v:g}' for v in grid[1])} mm "
+                f"differs from {ref!r}'s {'x'.join(map(str, ref_grid[0]))} at "
+                f"{'x'.join(f'{v:g}' for v in ref_grid[1])} mm (x, y, z): the channels are not voxel-aligned"
+            )
+        fov, ref_fov = raw[m].get("fov_mm"), raw[ref].get("fov_mm")
+        if fov and ref_fov:
+            gap = float(np.max(np.abs(np.asarray(fov) - np.asarray(ref_fov))))
+            tol = max(max(raw[m]["spacing"]), max(raw[ref]["spacing"]))
+            if gap > tol:
+                box = "; ".join(f"{lo:g}..{hi:g}" for lo, hi in zip(*fov))
+                ref_box = "; ".join(f"{lo:g}..{hi:g}" for lo, hi in zip(*ref_fov))
+                out.append(
+                    f"{where(m)} field of view [{box}] differs from {ref!r}'s [{ref_box}] (world mm) by up to "
+                    f"{gap:.1f} mm: the images do not cover the same region"
+                )
+    return out
 
 
 def inspect(dm: MultiModalDataModule) -> dict[str, Any]:
@@ -45,6 +107,7 @@ def inspect(dm: MultiModalDataModule) -> dict[str, Any]:
         raws = [e.meta["raw"][m] for e in entries if m in e.meta.get("raw", {})]
         shapes = Counter(tuple(r["shape"]) for r in raws)
         spacings = Counter(tuple(r["spacing"]) for r in raws)
+        orientations = Counter((r.get("axcodes") or "unknown",) for r in raws)
         report["modalities"][m] = {
             "present": sum(1 for e in entries if e.present[i]),
             "missing": sum(1 for e in entries if not e.present[i]),
@@ -53,6 +116,7 @@ def inspect(dm: MultiModalDataModule) -> dict[str, Any]:
             ),
             "shapes": shapes,
             "spacings": spacings,
+            "orientations": orientations,
             "range": (
                 min((r["min"] for r in raws), default=np.nan),
                 max((r["max"] for r in raws), default=np.nan),
@@ -61,6 +125,9 @@ def inspect(dm: MultiModalDataModule) -> dict[str, Any]:
     for c in dm.cases:
         for note in c.notes:
             report["problems"].append(f"case {c.case_id}: {note}")
+        entry = dm.entries.get(c.case_id)
+        if entry is not None:
+            report["problems"] += geometry_problems(c, entry.meta.get("raw", {}), dm.preprocess.orientation)
     for case_id, why in dm.layout.skipped:
         report["problems"].append(f"case {case_id} left out: {why}")
     return report
@@ -80,8 +147,17 @@ def render(report: dict[str, Any], console: Console) -> None:
     head.add_row("unlabelled cases", str(report["unlabelled"]))
     head.add_row("split (patients)", ", ".join(f"{k}: {v}" for k, v in report["splits"].items()))
     console.print(head)
-    mod = Table(title="modalities (raw files, D x H x W)")
-    for col in ("modality", "present", "missing", "copies", "shapes", "spacings (mm)", "intensity range"):
+    mod = Table(title="modalities (raw files as stored: D x H x W, axis codes of NIfTI i, j, k)")
+    for col in (
+        "modality",
+        "present",
+        "missing",
+        "copies",
+        "axes",
+        "shapes",
+        "spacings (mm)",
+        "intensity range",
+    ):
         mod.add_column(col)
     for m, r in report["modalities"].items():
         lo, hi = r["range"]
@@ -90,6 +166,7 @@ def render(report: dict[str, Any], console: Console) -> None:
             str(r["present"]),
             str(r["missing"]),
             str(r["duplicated"]),
+            _fmt_counter(r["orientations"]),
             _fmt_counter(r["shapes"]),
             _fmt_counter(r["spacings"]),
             f"{lo:g} .. {hi:g}",

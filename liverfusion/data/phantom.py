@@ -34,9 +34,11 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -53,6 +55,9 @@ from liverfusion import __version__
 from liverfusion.data.io import load_volume, save_volume
 from liverfusion.errors import ConfigError, DataError
 from liverfusion.utils.atomic import atomic_write_text
+from liverfusion.utils.locks import FileLock
+
+log = logging.getLogger(__name__)
 
 FORMAT = "liverfusion-phantom"
 FORMAT_VERSION = 1
@@ -675,9 +680,15 @@ def generate_phantom(
 
     ``cfg`` is a spec (dict/DictConfig) or a spec name/path. ``shape`` (D, H, W) overrides the spec's.
     Existing ``out_dir``: empty -> used; a phantom with the same request (spec hash, seed, counts, shape, version)
-    -> skipped, its summary returned, unless ``overwrite``; another phantom -> ConfigError unless ``overwrite``;
-    anything else -> refused (DataError), never deleted. The set is built in a sibling temporary folder and renamed
-    into place, so ``out_dir`` never holds a half-written phantom.
+    -> skipped, its summary returned, unless ``overwrite`` (a phantom.json whose files are not all there is a
+    DataError, never used); another phantom -> ConfigError unless ``overwrite``; anything else -> refused
+    (DataError), never deleted. The set is built in a sibling temporary folder and renamed into place, so
+    ``out_dir`` never holds a half-written phantom.
+
+    Concurrency: the whole call holds a lock (``.<name>.lock`` next to ``out_dir``), so processes asking for the
+    same phantom at once (multirun jobs, DDP ranks, benchmark workers) write it once: the others wait, then find it
+    and return its summary. Temporary folders of a killed writer are removed by the next one. A read-only parent
+    folder (no lock possible) still serves a complete matching phantom.
     """
     spec = load_phantom_spec(cfg) if isinstance(cfg, str | Path) else validate_spec(cfg)
     if shape is not None:
@@ -687,28 +698,103 @@ def generate_phantom(
         raise ConfigError(f"workers must be >= 1, got {workers}")
     out = Path(out_dir).expanduser().resolve()
     request = _request(spec, seed, n_cases, n_unlabelled)
-    if out.exists():
-        if not out.is_dir():
-            raise DataError("output path exists and is not a folder", path=out)
-        if any(out.iterdir()):
-            previous = _read_marker(out)
-            if previous is None:
-                raise DataError(
-                    "output folder is not empty and is not a liverfusion phantom (no phantom.json): refusing to "
-                    "write into it; choose an empty or new folder",
-                    path=out,
-                )
-            if not overwrite:
-                if all(previous.get(k) == v for k, v in request.items()):
-                    return previous
-                diff = sorted(k for k, v in request.items() if previous.get(k) != v)
-                raise ConfigError(
-                    f"{out} holds a phantom made with different settings ({', '.join(diff)}); "
-                    "pass overwrite=true to replace it or choose another folder"
-                )
+    lock = FileLock(out.parent / f".{out.name}.lock", what=f"phantom {out} (another process is writing it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError:
+        previous = _existing(out, request, overwrite)
+        if previous is not None:  # read-only location: reading needs no lock, the folder is complete
+            return previous
+        raise
+    try:
+        previous = _existing(out, request, overwrite)
+        if previous is not None:
+            return previous
+        _remove_leftovers(out)
+        return _write_phantom(out, spec, request, seed, n_cases, n_unlabelled, workers, progress)
+    finally:
+        lock.release()
 
+
+def _existing(out: Path, request: dict, overwrite: bool) -> dict | None:
+    """The summary of the phantom already at ``out`` when it is the one requested and complete; None when ``out``
+    is to be (re)written; an error when it must not be."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise DataError("output path exists and is not a folder", path=out)
+    if not any(out.iterdir()):
+        return None
+    previous = _read_marker(out)
+    if previous is None:
+        raise DataError(
+            "output folder is not empty and is not a liverfusion phantom (no phantom.json): refusing to "
+            "write into it; choose an empty or new folder",
+            path=out,
+        )
+    if overwrite:
+        return None
+    if not all(previous.get(k) == v for k, v in request.items()):
+        diff = sorted(k for k, v in request.items() if previous.get(k) != v)
+        raise ConfigError(
+            f"{out} holds a phantom made with different settings ({', '.join(diff)}); "
+            "pass overwrite=true to replace it or choose another folder"
+        )
+    missing = _missing_files(out, previous)
+    if missing:
+        raise DataError(
+            f"phantom folder is incomplete: {len(missing)} file(s) missing, e.g. {missing[0]}",
+            path=out,
+            fix="pass overwrite=true to write it again, or delete the folder",
+        )
+    return previous
+
+
+def _missing_files(out: Path, info: Mapping) -> list[str]:
+    """Files a phantom with marker ``info`` must hold and ``out`` lacks (relative names; cheap: stats only)."""
+    missing = [name for name in ("labels.txt", "cases.csv") if not (out / name).is_file()]
+    if missing:
+        return missing
+    cases = [line.split()[0] for line in (out / "labels.txt").read_text().splitlines() if line.strip()]
+    want = int(info.get("n_cases", 0)) + int(info.get("n_unlabelled", 0))
+    if len(cases) != want:
+        return [f"labels.txt lists {len(cases)} cases, phantom.json {want}"]
+    for case in cases:
+        for phase in info.get("phases", []):
+            for sub in ("images", "masks"):
+                rel = f"{sub}/{case}/{phase}.nii.gz"
+                if not (out / rel).is_file():
+                    missing.append(rel)
+    return missing
+
+
+def _leftover(out: Path, name: str) -> bool:
+    """Whether sibling ``name`` is a temporary folder (``mkdtemp``'s 8 random characters) of a phantom at ``out``."""
+    return any(
+        re.fullmatch(re.escape(f".{out.name}.{kind}-") + r"[a-z0-9_]{8}", name) for kind in ("partial", "old")
+    )
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete temporary folders of writers that were killed (only called while holding the phantom's lock)."""
+    for sibling in out.parent.iterdir():
+        if sibling.is_dir() and not sibling.is_symlink() and _leftover(out, sibling.name):
+            log.info("removing %s, left by an interrupted phantom writer", sibling)
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _write_phantom(
+    out: Path,
+    spec: dict,
+    request: dict,
+    seed: int,
+    n_cases: int,
+    n_unlabelled: int,
+    workers: int,
+    progress: bool,
+) -> dict:
     plans = plan_cases(spec, seed, n_cases, n_unlabelled)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -745,6 +831,7 @@ def generate_phantom(
             },
             "spec": spec,
         }
+        # the marker last: a folder with phantom.json is complete (and the whole folder is renamed into place)
         atomic_write_text(tmp / "phantom.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

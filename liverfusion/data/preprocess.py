@@ -1,14 +1,17 @@
-"""Deterministic per-volume preprocessing (resample/resize, crop/pad, per-modality normalisation), with MONAI.
+"""Deterministic per-volume preprocessing (reorient, resample/resize, crop/pad, per-modality normalisation).
 
-Spacing-aware by default: resample to ``target_spacing`` (mm, D x H x W), then centre crop / pad to ``shape``.
-``mode="resize"`` resizes straight to ``shape`` for data whose spacing means nothing (LLD-MMRI crops, LGG's nominal
-spacing). The result is what the cache stores; random augmentation happens later, per view.
+Every volume is first brought to ``orientation`` (nibabel, see ``liverfusion.data.io.reorient``), so the modalities
+of a case share one axis convention whatever their files store. Spacing-aware by default: resample to
+``target_spacing`` (mm, D x H x W), then centre crop / pad to ``shape``. ``mode="resize"`` resizes straight to
+``shape`` for data whose spacing means nothing (LLD-MMRI crops, LGG's nominal spacing). The result is what the
+cache stores; random augmentation happens later, per view.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +24,7 @@ from monai.transforms import (
     Spacing,
 )
 
-from liverfusion.data.io import Volume
+from liverfusion.data.io import NO_REORIENTATION, Volume, check_orientation, dhw_affine, reorient
 from liverfusion.errors import ConfigError
 
 MODES = ("spacing", "resize")
@@ -39,6 +42,11 @@ class PreprocessConfig:
     interpolation: str = "trilinear"
     require_same_grid: bool = False
     cache_dtype: str = "float16"
+    orientation: str | None = NO_REORIENTATION
+    """axis convention every volume is brought to (``RAS``, ...) or ``none``. The default here is ``none`` on
+    purpose: it is how a preprocessing dict written before the key existed (a classifier checkpoint's
+    ``meta["preprocess"]``, an exported encoder) must be read, since those models saw the files as stored. New runs
+    get their value from ``conf/data/_base.yaml``."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,6 +64,21 @@ class PreprocessConfig:
         if self.cache_dtype not in ("float16", "float32"):
             raise ConfigError("preprocess.cache_dtype must be float16 or float32")
         self.percentiles = tuple(float(p) for p in self.percentiles)
+        self.orientation = check_orientation(self.orientation)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None, key: str = "data.preprocess") -> PreprocessConfig:
+        """Build from a config or checkpoint dict, refusing unknown keys (a ConfigError naming them, not the
+        dataclass's TypeError); missing keys take the defaults above (``orientation``: ``none``, see there)."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{key}: unknown key(s) {', '.join(unknown)}",
+                fix=f"known keys: {', '.join(sorted(known))}",
+            )
+        return cls(**values)
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -107,9 +130,12 @@ class Preprocessor:
             self.norm = None
 
     def __call__(self, vol: Volume) -> np.ndarray:
+        vol = reorient(vol, self.cfg.orientation)
         x = torch.as_tensor(np.asarray(vol.array, dtype=np.float32))[None]
-        if self.resample is not None:
-            affine = torch.diag(torch.tensor([*vol.spacing, 1.0], dtype=torch.float64))
+        if (
+            self.resample is not None
+        ):  # Spacing keeps the volume's direction: no axis is flipped back or permuted
+            affine = torch.as_tensor(dhw_affine(vol.affine), dtype=torch.float64)
             x = self.resample(MetaTensor(x, affine=affine))
         if self.norm is not None:  # normalise on the native grid, before padding adds constant voxels
             x = self.norm(x)

@@ -9,10 +9,13 @@ Unlabelled patients never enter the folds; they are listed under ``unlabelled`` 
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -20,6 +23,8 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from liverfusion.data.case import Case
 from liverfusion.errors import ConfigError, DataError
 from liverfusion.utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 SPLIT_FORMAT = "liverfusion-splits/1"
 
@@ -56,18 +61,57 @@ class Splits:
 
     @classmethod
     def load(cls, path: str | Path) -> Splits:
+        """Read a split file; every key, type and count is checked so a bad file is one error naming it."""
         path = Path(path)
         if not path.is_file():
             raise DataError("split file is missing", path=path)
         try:
             payload = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"split file is not valid JSON ({exc})", path=path) from None
-        if payload.pop("format", None) != SPLIT_FORMAT:
+        if not isinstance(payload, dict) or payload.pop("format", None) != SPLIT_FORMAT:
             raise DataError(f"not a liverfusion split file (expected format {SPLIT_FORMAT})", path=path)
-        splits = cls(**payload)
+        splits = cls(**_check_payload(payload, path))
         check_disjoint(splits, path=path)
         return splits
+
+
+def _check_payload(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The keys and types of a split file (a hand-edited file must not reach ``Splits`` half-valid)."""
+    known = {f.name: f for f in fields(Splits)}
+    unknown = sorted(set(payload) - set(known))
+    if unknown:
+        raise DataError(
+            f"unknown key(s) {unknown} in the split file; known keys: {['format', *known]}",
+            path=path,
+            fix="remove them (Splits.save writes a valid file)",
+        )
+    required = [n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    absent = [n for n in required if n not in payload]
+    if absent:
+        raise DataError(f"split file lacks the key(s) {absent}", path=path)
+
+    def bad(key: str, what: str) -> DataError:
+        return DataError(f"{key!r} must be {what}, got {payload[key]!r}"[:300], path=path)
+
+    def ids(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(p, str) and p for p in value)
+
+    seed, n_folds, folds = payload["seed"], payload["n_folds"], payload["folds"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise bad("seed", "an integer >= 0")
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
+        raise bad("n_folds", "an integer >= 2")
+    if not isinstance(folds, list) or not all(ids(f) for f in folds):
+        raise bad("folds", "a list of lists of patient ids (strings)")
+    if len(folds) != n_folds:
+        raise DataError(f"'n_folds' is {n_folds} but 'folds' holds {len(folds)} folds", path=path)
+    for key in ("test", "unlabelled"):
+        if key in payload and not ids(payload[key]):
+            raise bad(key, "a list of patient ids (strings)")
+    if "source" in payload and not isinstance(payload["source"], str):
+        raise bad("source", "a string")
+    return payload
 
 
 def patient_labels(cases: Sequence[Case]) -> dict[str, int | None]:
@@ -101,6 +145,15 @@ def make_splits(
     test: list[str] = []
     pool = labelled
     if test_fraction > 0:
+        n_test = math.ceil(test_fraction * len(labelled))  # as sklearn counts it
+        if len(labelled) - n_test < n_folds:
+            raise ConfigError(
+                f"data.split.test_fraction={test_fraction} leaves {len(labelled) - n_test} of {len(labelled)} "
+                f"labelled patients for {n_folds} folds",
+                fix="lower data.split.test_fraction or data.split.n_folds",
+            )
+        n_classes = len(set(y.tolist()))
+        strat_ok = strat_ok and min(n_test, len(labelled) - n_test) >= n_classes
         pool, test = train_test_split(
             labelled, test_size=test_fraction, random_state=seed, stratify=y if strat_ok else None
         )
@@ -151,25 +204,75 @@ def splits_from_case_lists(
 
 
 def check_disjoint(splits: Splits, path: str | Path | None = None) -> None:
-    """No patient may sit in two folds, or in a fold and the test split."""
+    """No patient may sit in two folds, in a fold and the test split, or in the pre-training pool
+    (``unlabelled``) and a fold or the test split: pre-training must never see a held-out patient."""
     seen: dict[str, str] = {}
-    groups = [(f"fold {i}", f) for i, f in enumerate(splits.folds)] + [("test", splits.test)]
+    groups = [(f"fold {i}", f) for i, f in enumerate(splits.folds)]
+    groups += [("test", splits.test), ("unlabelled", splits.unlabelled)]
     for name, members in groups:
         for p in members:
             if p in seen:
-                raise DataError(f"patient {p!r} is in two splits: {seen[p]} and {name}", path=path)
+                where = f"twice in {name}" if seen[p] == name else f"in two splits: {seen[p]} and {name}"
+                raise DataError(f"patient {p!r} is {where}", path=path)
             seen[p] = name
 
 
-def check_cases_against_splits(cases: Sequence[Case], partition: dict[str, list[str]]) -> None:
-    """Every case of a patient lands in the same split; a patient in two parts is an error naming it."""
+def check_cases_against_splits(
+    cases: Sequence[Case], partition: dict[str, list[str]], path: str | Path | None = None
+) -> None:
+    """Every case of a patient lands in the same split; a patient in two parts is an error naming it.
+    ``path``: the split file the partition came from (named in the errors)."""
     where: dict[str, str] = {}
     for part, patients in partition.items():
         for p in patients:
             if p in where and where[p] != part:
-                raise DataError(f"patient {p!r} is in two splits: {where[p]} and {part}")
+                raise DataError(f"patient {p!r} is in two splits: {where[p]} and {part}", path=path)
             where[p] = part
     known = {c.patient_id for c in cases}
     missing = sorted(p for p in where if p not in known)
     if missing:
-        raise DataError(f"split file names patients that are not in the data set: {missing[:5]}")
+        raise DataError(
+            f"split file names {len(missing)} patient(s) that are not in the data set: {_first(missing)}",
+            path=path,
+            fix="use the split file written for this data set, or drop those ids from it",
+        )
+
+
+def check_coverage(
+    cases: Sequence[Case], splits: Splits, path: str | Path, allow_missing: bool = False
+) -> list[str]:
+    """A user's split file must place every labelled patient of the data set in a fold or the test split: one it
+    leaves out would silently shrink training and evaluation. ``allow_missing`` accepts that, with a warning.
+    Returns the labelled patients left out."""
+    labels = patient_labels(cases)
+    placed = {p for f in splits.folds for p in f} | set(splits.test)
+    missing = sorted(p for p, y in labels.items() if y is not None and p not in placed)
+    if missing:
+        as_unlabelled = len(set(missing) & set(splits.unlabelled))
+        note = f" ({as_unlabelled} of them listed as unlabelled)" if as_unlabelled else ""
+        what = (
+            f"the split file leaves {len(missing)} of the data set's {sum(y is not None for y in labels.values())} "
+            f"labelled patients out of its folds and test split{note}: {_first(missing)}"
+        )
+        if not allow_missing:
+            raise DataError(
+                what,
+                path=path,
+                fix="add them to the split file, or set data.split.allow_missing=true to leave them out",
+            )
+        log.warning("%s: %s; left out (data.split.allow_missing=true)", path, what)
+    listed = placed | set(splits.unlabelled)
+    absent = sorted(p for p, y in labels.items() if y is None and p not in listed)
+    if absent:
+        log.warning(
+            "%s: %d unlabelled patient(s) of the data set are not in the split file and give no pre-training "
+            "pairs: %s",
+            path,
+            len(absent),
+            _first(absent),
+        )
+    return missing
+
+
+def _first(ids: Sequence[str], n: int = 5) -> str:
+    return str(list(ids[:n]))[:-1] + (", ...]" if len(ids) > n else "]")

@@ -437,6 +437,8 @@ class FusionClassifier(L.LightningModule):
 
     def run_summary(self) -> dict[str, Any]:
         """What a report needs to know about this run besides its predictions."""
+        from liverfusion.utils.run_folder import relative_in_run
+
         cb = self.trainer.checkpoint_callback if self._trainer is not None else None
         best = getattr(cb, "best_model_path", "") if cb is not None else ""
         score = getattr(cb, "best_model_score", None) if cb is not None else None
@@ -454,7 +456,7 @@ class FusionClassifier(L.LightningModule):
             {
                 "fold": getattr(dm, "fold", None),
                 "splits": splits,
-                "best_checkpoint": best or None,
+                "best_checkpoint": relative_in_run(self.trainer.default_root_dir, best) if best else None,
                 "selection_metric": getattr(cb, "monitor", None) if cb is not None else None,
                 "selection_score": None if score is None else float(score),
                 "init": self.init_mode,

@@ -38,7 +38,7 @@ LIGHTNING_PREFIX = "encoder."
 # Preprocessing keys that change what an intensity means to the network: a mismatch is refused.
 NORMALISATION_KEYS = ("normalize", "percentiles", "nonzero")
 # Keys whose mismatch is allowed with a warning (geometry only).
-GEOMETRY_KEYS = ("shape", "mode", "target_spacing", "interpolation")
+GEOMETRY_KEYS = ("shape", "mode", "target_spacing", "interpolation", "orientation")
 # Encoder config keys that only say where weights came from, not what the network is.
 _PROVENANCE_KEYS = ("pretrained", "weights_path")
 
@@ -111,23 +111,98 @@ def _omegaconf_globals() -> list[Any]:
     ]
 
 
+def _unsafe_payload(exc: BaseException) -> bool:
+    text = str(exc)
+    return "Unsupported global" in text or "Unsupported class" in text
+
+
 def safe_load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` on CPU; a clear CheckpointError for a missing or unreadable file."""
+    """Read a checkpoint or encoder file as data: ``torch.load(weights_only=True)`` on CPU, then every metadata
+    value checked to be plain (see ``checkpoint_data``). A missing, corrupt, pickled-object or interpolating file is
+    one CheckpointError naming it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as first:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or corrupt files
         if "omegaconf" not in str(first):
+            raise _load_error(path, first) from None
+        try:  # Lightning checkpoints of older runs hold OmegaConf containers: exactly those classes allowed
+            with torch.serialization.safe_globals(_omegaconf_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise _load_error(path, exc) from None
+    return checkpoint_data(obj, path)
+
+
+def _load_error(path: Path, exc: BaseException) -> CheckpointError:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    first = next((ln.strip() for ln in lines if "Unsupported" in ln), lines[0])[:200]
+    if _unsafe_payload(exc):
+        return CheckpointError(
+            f"{path}: holds pickled Python objects that only an unsafe load would build ({first}); refused: "
+            "checkpoints are read as data (weights and plain values), never as code",
+            fix="use a checkpoint written by liverfusion, or re-save its state_dict with torch.save",
+        )
+    return CheckpointError(
+        f"{path}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: {first}); is it "
+        "truncated or another kind of file?"
+    )
+
+
+_PLAIN = (torch.Tensor, int, float, bool, bytes, type(None), torch.dtype, torch.device)
+
+
+def checkpoint_data(obj: Any, path: str | Path, key: str = "") -> Any:
+    """``obj`` as plain data: OmegaConf containers become dicts/lists *without* resolving them, and any string
+    holding an interpolation (``${...}``) is refused, so no value read from a file is ever resolved as config (a
+    ``${oc.env:...}`` or a custom resolver would run at that point)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, _PLAIN):
+        return obj
+    if isinstance(obj, str):
+        if "${" in obj:
             raise CheckpointError(
-                f"{path}: cannot be read with torch.load(weights_only=True): {first}"
-            ) from None
-    try:
-        with torch.serialization.safe_globals(_omegaconf_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): {exc}") from None
+                f"{path}: {key or 'a value'} holds an interpolation ({obj[:60]!r}): checkpoint metadata is data, "
+                "never config; refused",
+                fix="use a checkpoint written by liverfusion, unedited",
+            )
+        return obj
+    if isinstance(obj, DictConfig | ListConfig):
+        obj = OmegaConf.to_container(obj, resolve=False)
+    if isinstance(obj, Mapping):
+        out = type(obj)() if isinstance(obj, dict) else {}
+        for k, v in obj.items():
+            name = f"{key}.{k}" if key else str(k)
+            out[checkpoint_data(k, path, name) if isinstance(k, str) else k] = checkpoint_data(v, path, name)
+        return out
+    if isinstance(obj, list | tuple):
+        items = [checkpoint_data(v, path, f"{key}[{i}]") for i, v in enumerate(obj)]
+        return (
+            tuple(items)
+            if isinstance(obj, tuple) and not isinstance(obj, torch.Size)
+            else (torch.Size(items) if isinstance(obj, torch.Size) else items)
+        )
+    if isinstance(obj, set | frozenset):
+        return type(obj)(checkpoint_data(v, path, key) for v in obj)
+    raise CheckpointError(f"{path}: {key or 'a value'} is a {type(obj).__name__}, not plain data; refused")
+
+
+def checkpoint_kind(obj: Any) -> str:
+    """What a loaded checkpoint is: ``classifier``, ``ssl`` (a pre-training run), ``encoder.pt`` or ``unknown``."""
+    if not isinstance(obj, Mapping):
+        return "unknown"
+    if obj.get("format") == ENCODER_FORMAT:
+        return "encoder.pt"
+    lf = obj.get("liverfusion")
+    if isinstance(lf, Mapping) and str(lf.get("format", "")).startswith("liverfusion-classifier"):
+        return "classifier"
+    state = obj.get("state_dict")
+    if isinstance(state, Mapping) and any(str(k).startswith(LIGHTNING_PREFIX) for k in state):
+        return "ssl"
+    return "unknown"
 
 
 def _config_beside(path: Path) -> dict[str, Any] | None:

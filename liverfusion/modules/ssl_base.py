@@ -6,7 +6,6 @@ optional online linear probe, and the ``encoder.pt`` export. Methods subclass it
 from __future__ import annotations
 
 import abc
-import io
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from liverfusion.models.collapse import L2NormalizedStd, collapse_level
 from liverfusion.models.encoder_base import Encoder
 from liverfusion.modules.knn import knn_scores
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, scaled_lr, split_decay
-from liverfusion.utils.atomic import atomic_path
+from liverfusion.utils.checkpoint_io import save_atomic
 from liverfusion.utils.hydra_utils import to_plain
 
 log = logging.getLogger(__name__)
@@ -377,10 +376,8 @@ class SSLModule(L.LightningModule, abc.ABC):
             else Path(self.trainer.default_root_dir)
         )
         path = folder / self.export_cfg["filename"]
-        buffer = io.BytesIO()
-        torch.save(self.encoder_payload(), buffer)
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(buffer.getvalue())
+        # same-folder temp + rename, fsynced: a full disk leaves the previous encoder.pt intact and names the file
+        save_atomic(self.encoder_payload(), path)
         self.encoder_path = path
         log.info("encoder written to %s", path)
         print(f"encoder written to {path}")

@@ -12,8 +12,6 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from liverfusion.utils.atomic import atomic_write_text
-
 log = logging.getLogger(__name__)
 
 
@@ -36,10 +34,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def register_resolvers() -> None:
+    """Only resolvers that compute from config values; never one that runs code (no ``eval``)."""
     if not OmegaConf.has_resolver("len"):
         OmegaConf.register_new_resolver("len", lambda x: len(x))
-    if not OmegaConf.has_resolver("eval"):
-        OmegaConf.register_new_resolver("eval", eval)
 
 
 register_resolvers()
@@ -58,9 +55,11 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 
 def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
-    """The fully resolved config beside the run's outputs: the run is reproducible from it + its seed."""
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    return atomic_write_text(Path(output_dir) / "config_resolved.yaml", text)
+    """The fully resolved config beside the run's outputs: the run is reproducible from it + its seed. Its own
+    paths are relative to the run folder and the salt is masked (``liverfusion.utils.run_folder``)."""
+    from liverfusion.utils.run_folder import save_run_config
+
+    return save_run_config(cfg, output_dir)
 
 
 def apply_extras(cfg: DictConfig) -> None:
@@ -84,10 +83,14 @@ def print_config_tree(cfg: DictConfig) -> None:
     from rich.syntax import Syntax
     from rich.tree import Tree
 
+    from liverfusion.utils.run_folder import mask_secrets
+
     tree = Tree("config", guide_style="dim")
-    for key in cfg:
-        value = cfg[key]
-        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+    plain_cfg = (
+        mask_secrets(OmegaConf.to_container(cfg, resolve=False)) if isinstance(cfg, DictConfig) else cfg
+    )
+    for key, value in plain_cfg.items():
+        text = OmegaConf.to_yaml(value) if isinstance(value, dict | list) else str(value)
         tree.add(str(key)).add(Syntax(text, "yaml"))
     rprint(tree)
 
