@@ -112,7 +112,8 @@ def save_run_config(cfg: DictConfig | Mapping[str, Any], output_dir: str | Path)
     for key, value in list(_walk_paths(tree)):
         if not value.startswith(("/", "~")) and not Path(value).is_absolute():
             continue
-        rel = _relative_to(str(Path(value).expanduser()), out)
+        expanded = str(Path(value).expanduser())  # the folder as given and as resolved (symlinked /tmp, say)
+        rel = _relative_to(expanded, Path(output_dir)) or _relative_to(expanded, out)
         if rel is not None:
             relative[key] = rel
             _set(tree, key, rel)
