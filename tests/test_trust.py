@@ -138,3 +138,15 @@ def test_error_line_names_the_file_and_a_fix(tmp_path):
     assert error_line(ConfigError("data.batch_size=-1: must be positive", fix="set it to 8")).endswith(
         "set it to 8"
     )
+
+
+def test_error_line_unwraps_hydra_instantiation():
+    from hydra.errors import InstantiationException
+
+    try:
+        try:
+            raise ConfigError("data.batch_size=-1: must be a positive integer")
+        except ConfigError as inner:
+            raise InstantiationException("Error in call to target") from inner
+    except InstantiationException as outer:
+        assert error_line(outer) == "error: data.batch_size=-1: must be a positive integer"

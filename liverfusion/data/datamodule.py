@@ -4,6 +4,8 @@ and serves cases; the classification and MDA (pre-training) modules only add the
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,76 @@ from liverfusion.data.case import Case
 from liverfusion.data.datasets import CaseDataset
 from liverfusion.data.layouts.base import Layout
 from liverfusion.data.preprocess import PreprocessConfig
-from liverfusion.data.splits import Splits, check_cases_against_splits, make_splits, splits_from_case_lists
+from liverfusion.data.splits import (
+    Splits,
+    check_cases_against_splits,
+    check_coverage,
+    make_splits,
+    splits_from_case_lists,
+)
 from liverfusion.data.transforms import build_transform, reseed
 from liverfusion.errors import ConfigError, DataError
 from liverfusion.utils.hydra_utils import to_plain
 
 log = logging.getLogger(__name__)
+
+_NUMBER_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def check_value(
+    key: str,
+    value: Any,
+    kind: str = "int",
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> Any:
+    """One config value checked against its type and range, returned as that type; else a ConfigError naming
+    the key, the value and what is allowed (so a bad value fails when the module is built, not deep in torch).
+
+    ``kind``: ``int``, ``float`` or ``bool``; ``low``/``high``: bounds, closed unless ``low_open``/``high_open``;
+    ``optional``: None passes through.
+    """
+    if value is None and optional:
+        return None
+    allowed = _NUMBER_KINDS[kind]
+    if kind != "bool" and (low is not None or high is not None):
+        lo = "-inf" if low is None else (str(low) if isinstance(low, int) else f"{low:g}")
+        hi = "inf" if high is None else (str(high) if isinstance(high, int) else f"{high:g}")
+        allowed += f" in {'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    if optional:
+        allowed += " or null"
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        ok = False
+    elif kind == "int":
+        ok = isinstance(value, numbers.Integral) or (float(value).is_integer())
+    else:
+        ok = math.isfinite(float(value))
+    if ok and kind != "bool":
+        value = int(value) if kind == "int" else float(value)
+        ok = not (
+            (low is not None and (value < low or (low_open and value == low)))
+            or (high is not None and (value > high or (high_open and value == high)))
+        )
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: must be {allowed}")
+    return value
+
+
+SPLIT_KEYS = (
+    "n_folds",
+    "test_fraction",
+    "seed",
+    "stratify",
+    "file",
+    "allow_missing",
+    "release_folds",
+    "save_to",
+)
 
 
 class MultiModalDataModule(L.LightningDataModule):
@@ -60,33 +126,68 @@ class MultiModalDataModule(L.LightningDataModule):
         self.layout = layout
         pre = to_plain(preprocess) or {}
         self.preprocess = pre if isinstance(pre, PreprocessConfig) else PreprocessConfig(**pre)
-        self.split_cfg = {
+        self.split_cfg = self._check_split(to_plain(split) or {})
+        self.cache_dir = Path(cache_dir)
+        self.batch_size = check_value("data.batch_size", batch_size, "int", low=1)
+        eval_bs = check_value("data.eval_batch_size", eval_batch_size, "int", low=1, optional=True)
+        self.eval_batch_size = eval_bs or self.batch_size
+        self.num_workers = check_value("data.num_workers", num_workers, "int", low=0)
+        self.prep_workers = check_value("data.prep_workers", prep_workers, "int", low=0)
+        self.pin_memory = check_value("data.pin_memory", pin_memory, "bool")
+        self.persistent_workers = check_value("data.persistent_workers", persistent_workers, "bool")
+        self.persistent_workers = self.persistent_workers and self.num_workers > 0
+        self.in_memory = check_value("data.in_memory", in_memory, "bool")
+        self.label_fraction = check_value("data.label_fraction", label_fraction, "float", 0, 1, low_open=True)
+        self.progress = progress
+        # a user's split file is read now: a bad file or a fold it lacks fails before any data is read
+        self.split_file: Splits | None = None
+        if self.split_cfg["file"] and self._uses_split():
+            self.split_file = Splits.load(self.split_cfg["file"])
+        n_folds = self.split_file.n_folds if self.split_file else self.split_cfg["n_folds"]
+        self.fold = check_value("data.fold", fold, "int", 0, n_folds - 1)
+        self.cases: list[Case] = []
+        self.entries: dict[str, CachedCase] = {}
+        self.splits: Splits | None = None
+        self.partition: dict[str, list[str]] = {}
+
+    @staticmethod
+    def _check_split(given: Mapping[str, Any]) -> dict[str, Any]:
+        """``data.split``: known keys only, each in range."""
+        unknown = sorted(set(given) - set(SPLIT_KEYS))
+        if unknown:
+            raise ConfigError(f"data.split: unknown key(s) {unknown}; known keys: {list(SPLIT_KEYS)}")
+        cfg = {
             "n_folds": 5,
             "test_fraction": 0.2,
             "seed": 0,
             "stratify": True,
             "file": None,
+            "allow_missing": False,
             "release_folds": False,
             "save_to": None,
-            **(to_plain(split) or {}),
+            **given,
         }
-        self.fold = int(fold)
-        self.cache_dir = Path(cache_dir)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
-        self.prep_workers = int(prep_workers)
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
-        self.in_memory = in_memory
-        if not 0 < label_fraction <= 1:
-            raise ConfigError(f"label_fraction must be in (0, 1], got {label_fraction}")
-        self.label_fraction = float(label_fraction)
-        self.progress = progress
-        self.cases: list[Case] = []
-        self.entries: dict[str, CachedCase] = {}
-        self.splits: Splits | None = None
-        self.partition: dict[str, list[str]] = {}
+        cfg["n_folds"] = check_value("data.split.n_folds", cfg["n_folds"], "int", low=2)
+        cfg["test_fraction"] = check_value(
+            "data.split.test_fraction", cfg["test_fraction"], "float", 0, 1, high_open=True
+        )
+        cfg["seed"] = check_value("data.split.seed", cfg["seed"], "int", 0, 2**32 - 1)
+        for key in ("stratify", "allow_missing", "release_folds"):
+            cfg[key] = check_value(f"data.split.{key}", cfg[key], "bool")
+        for key in ("file", "save_to"):
+            if cfg[key] is not None and not isinstance(cfg[key], (str, Path)):
+                raise ConfigError(f"data.split.{key}={cfg[key]!r}: must be a path or null")
+        if cfg["file"]:
+            cfg["file"] = str(Path(cfg["file"]).expanduser().resolve())
+            if cfg["release_folds"]:
+                raise ConfigError(
+                    "data.split.file and data.split.release_folds=true: choose one source of folds"
+                )
+        return cfg
+
+    def _uses_split(self) -> bool:
+        """Whether this module splits the patients (a separate cohort served whole does not)."""
+        return True
 
     # ---- facts other parts need (the classifier's checkpoint metadata, the encoder export) ----
     @property
@@ -114,7 +215,22 @@ class MultiModalDataModule(L.LightningDataModule):
             "class_names": self.class_names,
             "input_shape": list(self.input_shape),
             "preprocess": self.preprocess.as_dict(),
+            "split": self.split_spec(),
+            "fold": self.fold,
         }
+
+    def split_spec(self) -> dict[str, Any]:
+        """The split settings that rebuild this run's patient split (evaluation re-applies them): with a split
+        file, its absolute path and its fold count, so the same test patients are used again."""
+        spec = {
+            k: self.split_cfg[k] for k in ("n_folds", "test_fraction", "seed", "stratify", "release_folds")
+        }
+        if self.split_cfg["file"]:
+            spec["file"] = self.split_cfg["file"]
+            spec["allow_missing"] = self.split_cfg["allow_missing"]
+            if self.split_file is not None:
+                spec["n_folds"] = self.split_file.n_folds
+        return spec
 
     # ---- Lightning hooks ----
     def _cache(self) -> PreprocessedCache:
@@ -134,7 +250,7 @@ class MultiModalDataModule(L.LightningDataModule):
         self.entries = {e.case_id: e for e in cached}
         self.splits = self._make_splits()
         part = self.splits.partition(self.fold)
-        check_cases_against_splits(self.cases, part)
+        check_cases_against_splits(self.cases, part, path=self.split_cfg["file"])
         part["unlabelled"] = list(self.splits.unlabelled)
         self.partition = part
         if self.split_cfg.get("save_to"):
@@ -142,8 +258,9 @@ class MultiModalDataModule(L.LightningDataModule):
 
     def _make_splits(self) -> Splits:
         cfg = self.split_cfg
-        if cfg.get("file"):
-            return Splits.load(cfg["file"])
+        if self.split_file is not None:
+            check_coverage(self.cases, self.split_file, cfg["file"], allow_missing=cfg["allow_missing"])
+            return self.split_file
         if cfg.get("release_folds"):
             from liverfusion.data.layouts.lldmmri import read_label_lines
 
@@ -280,6 +397,9 @@ class ClassificationDataModule(MultiModalDataModule):
         predict_part: str = "test",
         **kwargs: Any,
     ):
+        if predict_part not in PREDICT_PARTS:
+            raise ConfigError(f"data.predict_part={predict_part!r}: choose one of {PREDICT_PARTS}")
+        self.predict_part = predict_part  # set first: the base reads no split file for a whole cohort ("all")
         super().__init__(*args, **kwargs)
         items = to_plain(train_transform)
         built = build_transform(items)
@@ -293,23 +413,18 @@ class ClassificationDataModule(MultiModalDataModule):
             from monai.transforms import CenterSpatialCrop
 
             self.eval_transform = CenterSpatialCrop(roi_size=self.eval_crop)
-        self.balanced_sampler = balanced_sampler
-        self.drop_last = drop_last
-        if predict_part not in PREDICT_PARTS:
-            raise ConfigError(f"data.predict_part={predict_part!r}: choose one of {PREDICT_PARTS}")
-        self.predict_part = predict_part
+        self.balanced_sampler = check_value("data.balanced_sampler", balanced_sampler, "bool")
+        self.drop_last = check_value("data.drop_last", drop_last, "bool")
         self._views: dict[str, _FeatureCachedView] = {}
 
     def data_spec(self) -> dict[str, Any]:
         spec = super().data_spec()
         spec["eval_crop"] = self.eval_crop
         spec["network_input_shape"] = self.eval_crop or list(self.input_shape)
-        spec["split"] = {
-            k: self.split_cfg.get(k)
-            for k in ("n_folds", "test_fraction", "seed", "stratify", "release_folds")
-        }
-        spec["fold"] = self.fold
         return spec
+
+    def _uses_split(self) -> bool:
+        return self.predict_part != "all"
 
     def setup(self, stage: str | None = None) -> None:
         if self.predict_part != "all":

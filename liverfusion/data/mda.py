@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from liverfusion.data.cache import CachedCase
-from liverfusion.data.datamodule import MultiModalDataModule
+from liverfusion.data.datamodule import MultiModalDataModule, check_value
 from liverfusion.data.datasets import CaseDataset
 from liverfusion.data.transforms import build_batch_transform, build_transform, reseed
 from liverfusion.errors import ConfigError
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("cross", "same", "mixed")
 PRETRAIN_PARTS = ("train", "unlabelled")
+PAIR_KEYS = ("policy", "p_cross", "weights", "fallback_same")
 
 
 class PairSampler:
@@ -47,21 +48,18 @@ class PairSampler:
     ):
         if policy not in POLICIES:
             raise ConfigError(f"pairs.policy must be one of {POLICIES}, got {policy!r}")
-        if not 0.0 <= float(p_cross) <= 1.0:
-            raise ConfigError(f"pairs.p_cross must be in [0, 1], got {p_cross}")
+        self.p_cross = check_value("data.pairs.p_cross", p_cross, "float", 0, 1)
         self.modalities = list(modalities)
         self.policy = policy
-        self.p_cross = float(p_cross)
-        weights = dict(weights or {})
+        weights = dict(to_plain(weights) or {})
         unknown = set(weights) - set(self.modalities)
         if unknown:
             raise ConfigError(
                 f"pairs.weights names unknown modalities {sorted(unknown)}; have {self.modalities}"
             )
-        if any(float(w) < 0 for w in weights.values()):
-            raise ConfigError(f"pairs.weights must be >= 0, got {weights}")
-        self.weights = np.array([float(weights.get(m, 1.0)) for m in self.modalities])
-        self.fallback_same = bool(fallback_same)
+        weights = {m: check_value(f"data.pairs.weights.{m}", w, "float", low=0) for m, w in weights.items()}
+        self.weights = np.array([weights.get(m, 1.0) for m in self.modalities])
+        self.fallback_same = check_value("data.pairs.fallback_same", fallback_same, "bool")
 
     def drawable(self, present: Sequence[bool]) -> list[int]:
         """Indices of the modalities a case has and that may be drawn (weight > 0)."""
@@ -152,18 +150,21 @@ class MDADataModule(MultiModalDataModule):
         kwargs.pop("balanced_sampler", None)
         super().__init__(*args, **kwargs)
         pairs = dict(to_plain(pairs) or {})
+        unknown = sorted(set(pairs) - set(PAIR_KEYS))
+        if unknown:
+            raise ConfigError(f"data.pairs: unknown key(s) {unknown}; known keys: {list(PAIR_KEYS)}")
         self.sampler = PairSampler(self.modalities, **pairs)
         self.augment = build_transform(augment)
         self.batch_augment = build_batch_transform(batch_augment)
-        self.pretrain_parts = list(pretrain_parts)
+        self.pretrain_parts = [pretrain_parts] if isinstance(pretrain_parts, str) else list(pretrain_parts)
         bad = [p for p in self.pretrain_parts if p not in PRETRAIN_PARTS]
-        if bad:
+        if bad or not self.pretrain_parts:
             raise ConfigError(
-                f"pretrain_parts {bad} not allowed: pre-training may use {list(PRETRAIN_PARTS)} "
-                "only, so validation and test patients stay unseen"
+                f"data.pretrain_parts={self.pretrain_parts}: pre-training may use one or both of "
+                f"{list(PRETRAIN_PARTS)} only, so validation and test patients stay unseen"
             )
-        self.drop_last = drop_last
-        self.monitor = monitor
+        self.drop_last = check_value("data.drop_last", drop_last, "bool")
+        self.monitor = check_value("data.monitor", monitor, "bool")
         self.left_out: list[str] = []
         self._generator: torch.Generator | None = None
         self._warned = False

@@ -198,9 +198,11 @@ def splits_from_case_lists(
     used = {p for f in folds for p in f} | {patient_of[c] for tl in train_lists for c in tl}
     test = sorted(p for p, y in labels.items() if y is not None and p not in used)
     unlabelled = sorted(p for p, y in labels.items() if y is None)
-    return Splits(
+    splits = Splits(
         seed=seed, n_folds=len(folds), folds=folds, test=test, unlabelled=unlabelled, source="files"
     )
+    check_disjoint(splits)  # the release's validation lists must not share a patient
+    return splits
 
 
 def check_disjoint(splits: Splits, path: str | Path | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections import Counter
@@ -45,7 +46,7 @@ from liverfusion.prepare.roi import (
     mask_boxes,
 )
 from liverfusion.prepare.rules import MASK, MatchReport, RuleSet, StudyMatch, match_study
-from liverfusion.prepare.sources import Inventory, PatientSource, StudySource
+from liverfusion.prepare.sources import Inventory, PatientSource, SeriesSource, StudySource
 from liverfusion.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class PrepareResult:
     cases: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    """Warnings of the whole run; each case's own warnings are in its record (``cases[i]["warnings"]``)."""
+    n_warnings: int = 0
+    """Run warnings plus the warnings of every listed case: what ``strict=true`` fails on, with the failures."""
     exit_code: int = 0
     seconds: float = 0.0
     log_path: Path | None = None
@@ -163,7 +167,32 @@ def validate(cfg: dict[str, Any]) -> tuple[Path, Path, Path]:
         raise ConfigError(
             f"privacy.key_file={key_path} must lie outside both the input tree and the output folder"
         )
+    _check_creatable(out, "out")
+    _check_creatable(key_path.parent, "privacy.key_file")
     return inp, out, key_path
+
+
+def _check_creatable(folder: Path, key: str) -> None:
+    """A folder that cannot be made or written fails before anything is read (not as an OSError half-way)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    fix = "choose a folder you may write to"
+    if not probe.is_dir():
+        raise ConfigError(f"{key}={folder}: cannot be created: {probe} is a file, not a folder", fix=fix)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == folder else f"cannot be created: {probe} is not writable"
+        raise ConfigError(f"{key}={folder}: {what}", fix=fix)
+
+
+def _make_folder(folder: Path, key: str = "out") -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}={folder}: the folder cannot be created ({exc.strerror or exc})",
+            fix="choose a folder you may write to",
+        ) from None
 
 
 def scan(cfg: dict[str, Any], root: Path) -> Inventory:
@@ -208,6 +237,14 @@ def run_prepare(cfg: DictConfig | Mapping[str, Any]) -> PrepareResult:
     if not rules.modality_rules:
         raise ConfigError("the rule set has no modality rules: pick one with rules=NAME or write your own")
     inv = scan(c, inp)
+    if not inv.patients:
+        seen = f"{inv.n_files} file(s) of the kind seen" if inv.n_files else "nothing of the kind found"
+        notes = "".join(f"; {w}" for w in inv.warnings)
+        raise DataError(
+            f"no case to prepare in this input folder (kind={c['kind']}: {seen}{notes})",
+            path=inp,
+            fix="check input=, kind= and the layout in docs/prepare.md",
+        )
     attach_labels(inv, _get(c, "labels", {}))
     if _get(c, "roi.mode") == "centre":
         attach_centres(inv, _get(c, "roi", {}))
@@ -256,7 +293,7 @@ def run_prepare(cfg: DictConfig | Mapping[str, Any]) -> PrepareResult:
         report = dry_run_report(ctx, planned)
         result.report = report.to_dict()
         result.report["series_problems"] = _series_problems(ctx, planned)
-        out.mkdir(parents=True, exist_ok=True)
+        _make_folder(out)
         atomic_write_text(out / "prepare_dry_run.json", json.dumps(scrub.deep(result.report), indent=1))
         log.info("%s", scrub(report.format_table()))
         ids.save()
@@ -274,7 +311,14 @@ def run_prepare(cfg: DictConfig | Mapping[str, Any]) -> PrepareResult:
         )
     if c.get("overwrite") and tree.state.is_dir():
         tree.clear()
-    leftovers = tree.prepare()
+    _make_folder(out)
+    try:
+        leftovers = tree.prepare()
+    except OSError as exc:
+        raise ConfigError(
+            f"out={out}: cannot write the data set folders ({exc.strerror or exc}: {exc.filename})",
+            fix="choose a folder you may write to",
+        ) from None
     if leftovers:
         result.warnings.append(f"removed {leftovers} half-written case folder(s) left by an interrupted run")
     tree.write_settings(fingerprint)
@@ -286,11 +330,14 @@ def run_prepare(cfg: DictConfig | Mapping[str, Any]) -> PrepareResult:
         if not c.get("overwrite") and tree.finished(pid) is not None:
             result.skipped += 1
             continue
-        _, failures = process_patient(ctx, tree, pid, patient)
+        done, failures = process_patient(ctx, tree, pid, patient)
         processed.add(pid)
         result.failures += failures
         for f in failures:
-            log.warning("%s: %s", f.get("case") or f["patient"], f["reason"])
+            log.warning("%s: failed: %s", f.get("case") or f["patient"], f["reason"])
+        for r in done:
+            for w in r["warnings"]:
+                log.warning("%s: %s", r["case"], w)
     bar.close()
     # every finished case of a patient in this input (also those of earlier runs and those beyond `limit`)
     records: list[dict[str, Any]] = []
@@ -312,6 +359,9 @@ def run_prepare(cfg: DictConfig | Mapping[str, Any]) -> PrepareResult:
         result.warnings.append(
             f"{len(stale)} patient(s) prepared by an earlier run are not in this input: left out of labels.csv"
         )
+    for w in result.warnings:
+        log.warning("%s", w)
+    result.n_warnings = len(result.warnings) + sum(len(r.get("warnings", [])) for r in records)
     result.seconds = time.time() - t0
     log_record = {
         "tool": "liverfusion.prepare",
@@ -332,6 +382,7 @@ def run_prepare(cfg: DictConfig | Mapping[str, Any]) -> PrepareResult:
             "cases": len(records),
             "patients": len({r["patient"] for r in records}),
             "failures": len(result.failures),
+            "warnings": result.n_warnings,
             "skipped_finished_patients": result.skipped,
             "labels": dict(Counter(r["label"] for r in records)),
             "modalities": dict(Counter(m for r in records for m in r.get("modalities", {}))),
@@ -360,16 +411,30 @@ def run_prepare(cfg: DictConfig | Mapping[str, Any]) -> PrepareResult:
                 audit["hits"][:5],
             )
             result.exit_code = EXIT_PRIVACY
-    if result.failures and c.get("strict") and not result.exit_code:
-        result.exit_code = EXIT_FAILED_CASES
+    if not result.exit_code:
+        if result.failures and not records:
+            result.exit_code = EXIT_FAILED_CASES
+            log.error(
+                "no case could be prepared: every one failed (reasons above and in %s)", result.log_path
+            )
+        elif c.get("strict") and (result.failures or result.n_warnings):
+            result.exit_code = EXIT_FAILED_CASES
+            log.error(
+                "strict=true: %d failure(s) and %d warning(s) fail this run (reasons above and in %s)",
+                len(result.failures),
+                result.n_warnings,
+                result.log_path,
+            )
     log.info(
-        "prepared %d case(s) of %d patient(s) in %.1f s (%d skipped as finished, %d failure(s)); log: %s",
+        "prepared %d case(s) of %d patient(s) (%d failed, %d warning(s), %d patient(s) skipped as finished) "
+        "in %.1f s -> %s",
         len(records),
         len({r["patient"] for r in records}),
-        result.seconds,
-        result.skipped,
         len(result.failures),
-        result.log_path,
+        result.n_warnings,
+        result.skipped,
+        result.seconds,
+        out,
     )
     return result
 
@@ -474,7 +539,22 @@ def build_study(ctx: Context, study: StudySource, pid: str) -> tuple[list[BuiltC
             warnings.append(f"series {e['text']!r} matches several rules {e['names']}: not used")
     if ctx.cfg["kind"] == "lldmmri":
         return build_lldmmri(ctx, study, match, warnings)
-    return build_general(ctx, study, match, warnings), []
+    return build_general(ctx, study, match, warnings)
+
+
+def load_modality(s: SeriesSource) -> sitk.Image:
+    """Pixels of a series used as a modality, through the shared voxel rule (``check_voxels``): a mask, a constant
+    or all-NaN volume, complex or boolean data given as an MR image is a DataError naming the file."""
+    if s.problems:
+        raise DataError("; ".join(s.problems), path=s.path)
+    return s.load(check=True)
+
+
+def load_mask(s: SeriesSource) -> sitk.Image:
+    """A region-of-interest mask: read like any series, but two values are what a mask should have."""
+    if s.problems:
+        raise DataError("; ".join(s.problems), path=s.path)
+    return s.load()
 
 
 def _reference_name(ctx: Context, available: list[str]) -> str:
@@ -509,8 +589,11 @@ def _cast_output(img: sitk.Image, dtype: str) -> sitk.Image:
 
 def build_general(
     ctx: Context, study: StudySource, match: StudyMatch, warnings: list[str]
-) -> list[BuiltCase]:
-    """DICOM / NIfTI studies: whole volumes or crops around a mask / centres, on a common grid."""
+) -> tuple[list[BuiltCase], list[dict[str, Any]]]:
+    """DICOM / NIfTI studies: whole volumes or crops around a mask / centres, on a common grid.
+
+    Returns the cases and the boxes that failed (a box outside the reference or a required modality); a problem of
+    the whole study raises DataError."""
     c = ctx.cfg
     g = _get(c, "geometry", {})
     required = set(ctx.rules.required)
@@ -523,11 +606,9 @@ def build_general(
         s = study.series[idx]
         warnings += [f"{mod}: {w}" for w in s.warnings]
         try:
-            if s.problems:
-                raise DataError("; ".join(s.problems))
-            img = s.load()
+            img = load_modality(s)
         except DataError as exc:
-            msg = f"{mod} (series {s.text!r}): {exc.reason}"
+            msg = f"{mod} (series {s.text!r}): {exc}"
             if mod in required or mod == g.get("reference"):
                 raise DataError(msg) from None
             warnings.append(msg + ": modality left out")
@@ -544,13 +625,11 @@ def build_general(
     if match.mask_index is not None:
         ms = study.series[match.mask_index]
         try:
-            if ms.problems:
-                raise DataError("; ".join(ms.problems))
-            mask = ms.load()
+            mask = load_mask(ms)
         except DataError as exc:
             if roi_mode == "mask":
-                raise DataError(f"mask (series {ms.text!r}): {exc.reason}") from None
-            warnings.append(f"mask (series {ms.text!r}): {exc.reason}: ignored")
+                raise DataError(f"mask (series {ms.text!r}): {exc}") from None
+            warnings.append(f"mask (series {ms.text!r}): {exc}: ignored")
     if roi_mode == "mask" and mask is None:
         raise DataError("roi.mode=mask but no series matched rules.masks")
 
@@ -669,13 +748,16 @@ def build_general(
             Panel(m, images[m], None, images[m], shown_mask if grid is not None else None) for m in images
         ]
         out.append(BuiltCase("0", vols, study.label_raw, dict(study.extra), rec, list(warnings), panels))
-        return out
+        return out, []
+    failures: list[dict[str, Any]] = []
+    must_have = required | {ref}
     for k, (box, box_rec, label_override) in enumerate(boxes):
         case_warn = list(warnings)
         vols: dict[str, sitk.Image] = {}
         panels = []
         mod_recs = {}
         padded: list[str] = []
+        outside: list[str] = []
         for m, img in images.items():
             b = (
                 box
@@ -683,7 +765,7 @@ def build_general(
                 else box_in_grid(box, ref_for_boxes, img)
             )
             if b.outside(img.GetSize()):
-                case_warn.append(f"{m}: the box lies outside this modality's volume: left out")
+                outside.append(m)
                 continue
             if b.leaves(img.GetSize()):
                 padded.append(m)
@@ -691,8 +773,19 @@ def build_general(
             mod_recs[m] = {**records[m], "output": geo.describe(vols[m]), "box": b.to_dict()}
             on_grid = shown_mask is not None and geo.same_grid(shown_mask, img)
             panels.append(Panel(m, img, b, vols[m], shown_mask if on_grid else None))
-        if not vols:
-            raise DataError("the region of interest lies outside every modality")
+        lost = [m for m in outside if m in must_have]
+        if lost or not vols:
+            where = "every modality" if not vols else f"the image of {', '.join(lost)}"
+            failures.append(
+                {
+                    "roi": box_rec["source"],
+                    "reason": f"box {box.to_dict()} lies entirely outside {where} "
+                    f"(its grid: D, H, W = {list(ref_for_boxes.GetSize()[::-1])})",
+                }
+            )
+            continue
+        for m in outside:
+            case_warn.append(f"{m}: the box lies entirely outside this optional modality's volume: left out")
         if padded:
             which = "every modality" if len(padded) == len(vols) else ", ".join(padded)
             case_warn.append(
@@ -704,7 +797,9 @@ def build_general(
         rec = {"modalities": mod_recs, "roi": {"mode": roi_mode, **box_rec, "box": box.to_dict()}}
         label = study.label_raw if label_override in (None, "") else label_override
         out.append(BuiltCase(str(k), vols, label, dict(study.extra), rec, case_warn, panels))
-    return out
+    if not out:
+        raise DataError("; ".join(f["reason"] for f in failures))
+    return out, failures
 
 
 def _exact_copies(images: Mapping[str, sitk.Image]) -> list[str]:
@@ -753,11 +848,9 @@ def build_lldmmri(
     for mod, idx in match.chosen.items():
         s = study.series[idx]
         try:
-            if s.problems:
-                raise DataError("; ".join(s.problems))
-            images[mod] = s.load()
+            images[mod] = load_modality(s)
         except DataError as exc:
-            phase_warn.append(f"{mod}: {exc.reason}: phase left out")
+            phase_warn.append(f"{mod}: {exc}: phase left out")
             continue
         sp = images[mod].GetSpacing()
         ps, st = s.info.get("pixel_spacing"), s.info.get("slice_thickness")

@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from liverfusion.data.io import check_voxels
 from liverfusion.errors import DataError
 from liverfusion.prepare.sources import Inventory, SeriesSource, StudySource, group_patients
 
@@ -154,8 +155,10 @@ def identifying_values(ds: pydicom.Dataset, tags: Iterable[str], min_length: int
     return out
 
 
-def read_series(files: Sequence[Path]) -> sitk.Image:
-    """Read slices in the given order (already sorted and checked) into one volume; header metadata is dropped."""
+def read_series(files: Sequence[Path], check: bool = False) -> sitk.Image:
+    """Read slices in the given order (already sorted and checked) into one volume; header metadata is dropped.
+
+    ``check``: the voxels must look like an MR image (``liverfusion.data.io.check_voxels``; not for masks)."""
     try:
         if len(files) == 1:
             img = sitk.ReadImage(str(files[0]))
@@ -168,12 +171,15 @@ def read_series(files: Sequence[Path]) -> sitk.Image:
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()
         raise DataError(
-            f"SimpleITK cannot read the series pixels ({msg[-1] if msg else 'unknown error'})"
+            f"SimpleITK cannot read the series pixels ({msg[-1] if msg else 'unknown error'})",
+            path=Path(files[0]).parent if files else None,
         ) from None
     for key in img.GetMetaDataKeys():
         img.EraseMetaData(key)
     if img.GetDimension() != 3:
-        raise DataError(f"series is {img.GetDimension()}D, expected 3D")
+        raise DataError(f"series is {img.GetDimension()}D, expected 3D", path=Path(files[0]).parent)
+    if check:
+        check_voxels(sitk.GetArrayViewFromImage(img), Path(files[0]).parent)
     return img
 
 
@@ -326,7 +332,8 @@ def _series_source(
         info["slices"] = len(files)
     return SeriesSource(
         text=text,
-        load=lambda files=tuple(files): read_series(files),
+        load=lambda check=False, files=tuple(files): read_series(files, check),
+        path=str(files[0].parent) if files else None,
         order=order,
         info=info,
         problems=problems,

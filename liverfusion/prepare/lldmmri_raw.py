@@ -131,7 +131,8 @@ def _series(images: Path, pid: str, n: int, item: Any, ident: set[str]) -> Serie
     info = {"pixel_spacing": item.get("pixel_spacing"), "slice_thickness": item.get("slice_thickness")}
     return SeriesSource(
         text=phase,
-        load=lambda path=path: read_volume(path),
+        load=lambda check=False, path=path: read_volume(path, check),
+        path=str(path),
         order=n,
         info=info,
         problems=problems,
@@ -139,7 +140,7 @@ def _series(images: Path, pid: str, n: int, item: Any, ident: set[str]) -> Serie
     )
 
 
-def _missing() -> Any:
+def _missing(check: bool = False) -> Any:
     raise DataError("series item is unusable")
 
 

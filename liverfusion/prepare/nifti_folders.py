@@ -13,27 +13,71 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import SimpleITK as sitk
 
+from liverfusion.data.io import check_voxels
 from liverfusion.errors import ConfigError, DataError
 from liverfusion.prepare.sources import Inventory, SeriesSource, StudySource, group_patients
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
-def read_volume(path: Path) -> sitk.Image:
-    """Read one 3D volume with its geometry; header metadata (descrip, aux_file, ...) is dropped."""
+
+def nifti_voxels(path: Path) -> np.ndarray:
+    """The voxels exactly as the NIfTI file stores them (nibabel, unscaled), or a DataError naming ``path``.
+
+    SimpleITK cannot be trusted with this: it reads a truncated file (plain or gzip) as zeros and turns NaN/inf
+    voxels into 0, all without a word. nibabel refuses a short file (``Expected N bytes``), a truncated or corrupt
+    gzip stream and a file that is not NIfTI, and keeps NaN, inf and complex values for ``check_voxels``.
+    Unscaled: ``scl_slope``/``scl_inter`` cannot make data constant, two-valued or non-finite, and the native
+    type keeps memory at the file's own size.
+    """
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # ImageFileError (not NIfTI, not gzip), HeaderDataError, EOFError (short)
+        raise DataError(f"not a readable NIfTI file ({_one_line(exc)})", path=path) from None
+    try:
+        return np.asanyarray(img.dataobj.get_unscaled())
+    except Exception as exc:  # OSError "Expected N bytes", EOFError (truncated gzip), BadGzipFile, zlib.error
+        why = _one_line(exc).replace(f" from {path}", "")  # nibabel repeats the path
+        raise DataError(
+            f"truncated or corrupt NIfTI file ({why}): copy or export it again", path=path
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def read_volume(path: Path, check: bool = False) -> sitk.Image:
+    """Read one 3D volume with its geometry; header metadata (descrip, aux_file, ...) is dropped.
+
+    ``check``: the voxels must look like an MR image (``liverfusion.data.io.check_voxels``; not for masks). A NIfTI
+    file is always decoded by nibabel first (see ``nifti_voxels``), and that is what is checked. Every failure is a
+    DataError naming ``path``.
+    """
+    path = Path(path)
+    voxels = nifti_voxels(path) if path.name.lower().endswith(NIFTI_SUFFIXES) else None
+    if check and voxels is not None:
+        check_voxels(voxels, path)
+    del voxels
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()
-        raise DataError(f"unreadable image ({msg[-1] if msg else 'unknown error'})") from None
+        raise DataError(f"unreadable image ({msg[-1] if msg else 'unknown error'})", path=path) from None
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:
         img = img[:, :, :, 0]
     if img.GetDimension() != 3:
-        raise DataError(f"not a 3D image (size {img.GetSize()})")
+        raise DataError(f"not a 3D image (size {img.GetSize()})", path=path)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(
-            f"{img.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image"
+            f"{img.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image", path=path
         )
+    if check and not path.name.lower().endswith(NIFTI_SUFFIXES):
+        check_voxels(sitk.GetArrayViewFromImage(img), path)
     for key in img.GetMetaDataKeys():
         img.EraseMetaData(key)
     return img
@@ -105,7 +149,11 @@ def scan_nifti_folders(root: Path, cfg: Mapping[str, Any], min_phi_length: int =
                 )
             studies[sid][1].series.append(
                 SeriesSource(
-                    text=stem, load=lambda path=path: read_volume(path), order=name, info={"files": 1}
+                    text=stem,
+                    load=lambda check=False, path=path: read_volume(path, check),
+                    order=name,
+                    info={"files": 1},
+                    path=str(path),
                 )
             )
             studies[sid][2].update(ident)

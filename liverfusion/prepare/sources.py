@@ -28,7 +28,9 @@ class LesionBox:
 class SeriesSource:
     text: str
     """What the rules match: DICOM SeriesDescription, a file name without extension, an LLD-MMRI phase."""
-    load: Callable[[], sitk.Image]
+    load: Callable[..., sitk.Image]
+    """``load(check=False)`` reads the pixels; ``check=True`` (a modality, not a mask) also applies the shared voxel
+    rule ``liverfusion.data.io.check_voxels`` to the voxels as the file stores them."""
     order: Any = 0
     """Sort key among series claiming one modality (SeriesNumber, file name) for rules.on_duplicate."""
     info: dict[str, Any] = field(default_factory=dict)
@@ -38,6 +40,8 @@ class SeriesSource:
     warnings: list[str] = field(default_factory=list)
     boxes: dict[str, LesionBox] = field(default_factory=dict)
     """LLD-MMRI: lesion key -> this series' own box."""
+    path: str | None = None
+    """The file (NIfTI, LLD-MMRI) or folder (DICOM) the pixels come from, named in errors about them."""
 
 
 @dataclass

@@ -27,8 +27,20 @@ INTERNAL_ERROR = 1
 """Exit status of an unexpected failure (a bug): still one line, with the way to get the traceback."""
 
 
+def _unwrap(err: BaseException) -> BaseException:
+    """Hydra's ``instantiate`` wraps what a constructor raised (our ConfigError, say): report the original."""
+    try:
+        from hydra.errors import InstantiationException
+    except ImportError:  # pragma: no cover
+        return err
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
 def error_line(err: BaseException) -> str:
     """The one line printed for ``err``: ``error: <where>: <problem>; <fix>``."""
+    err = _unwrap(err)
     if isinstance(err, LiverfusionError):
         text = str(err)
         fix = getattr(err, "fix", None)
@@ -59,7 +71,7 @@ def fail(err: BaseException) -> None:
     line = error_line(err)
     log.debug("%s", line)
     print(line, file=sys.stderr, flush=True)
-    user = isinstance(err, LiverfusionError | OSError)
+    user = isinstance(_unwrap(err), LiverfusionError | OSError)
     sys.exit(USER_ERROR if user else INTERNAL_ERROR)
 
 
