@@ -15,7 +15,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function, seed_everyt
 from liverfusion.data.datasets import CaseDataset
 from liverfusion.data.io import save_volume
 from liverfusion.data.layouts import FolderLayout, LLDMMRILayout, UnionLayout
-from liverfusion.data.mda import MDADataModule, PairDataset, PairSampler
+from liverfusion.data.mda import STACK, MDADataModule, PairSampler, ViewDataset, collate_views
 from liverfusion.data.transforms import (
     BatchCompose,
     BatchRandAffine,
@@ -135,14 +135,14 @@ def test_pairs_come_from_one_case_of_one_patient_over_many_draws(tiny, cache):
     seen_patients = set()
     torch.manual_seed(0)
     for _ in range(15):  # 15 epochs of batches: every case drawn many times with random modality pairs
-        for batch in dm._loader(ds, shuffle=True):
+        for batch in dm._loader(ds, shuffle=True, collate_fn=collate_views):
             for i, case in enumerate(batch["case_id"]):
                 assert batch["patient_id"][i] == patient_of[case]
-                m1, m2 = int(batch["modality1"][i]), int(batch["modality2"][i])
+                m1, m2 = int(batch["view_modalities"][0][i]), int(batch["view_modalities"][1][i])
                 assert m1 != m2
                 # both views are exactly this case's volumes (no augmentation configured): nothing from elsewhere
-                np.testing.assert_array_equal(batch["view1"][i, 0].numpy(), arrays[case][m1])
-                np.testing.assert_array_equal(batch["view2"][i, 0].numpy(), arrays[case][m2])
+                np.testing.assert_array_equal(batch["views"][0][i, 0].numpy(), arrays[case][m1])
+                np.testing.assert_array_equal(batch["views"][1][i, 0].numpy(), arrays[case][m2])
                 seen_patients.add(batch["patient_id"][i])
     assert seen_patients == {e.patient_id for e in ds.base.entries}
 
@@ -156,12 +156,12 @@ def test_only_real_modalities_are_drawn(tiny, cache):
     drawn_missing = {
         m
         for _ in range(200)
-        for m in (ds[index[MISSING_DWI]]["modality1"], ds[index[MISSING_DWI]]["modality2"])
+        for m in ds[index[MISSING_DWI]]["view_modalities"].tolist()
     }
     drawn_copy = {
         m
         for _ in range(200)
-        for m in (ds[index[FILLER_COPY]]["modality1"], ds[index[FILLER_COPY]]["modality2"])
+        for m in ds[index[FILLER_COPY]]["view_modalities"].tolist()
     }
     assert dwi not in drawn_missing and drawn_missing == {0, 2}
     assert ca not in drawn_copy and drawn_copy == {0, 1}  # the filler copy of T2WI counts as missing
@@ -176,7 +176,7 @@ def test_single_modality_case_left_out_and_counted_or_kept_with_fallback(tiny, c
     kept = make_dm(tiny_layout(tiny), cache, pairs={"policy": "cross", "fallback_same": True})
     ds = kept.pair_dataset()
     i = [e.case_id for e in ds.base.entries].index(SINGLE)
-    assert ds[i]["modality1"] == ds[i]["modality2"] == 0 and kept.left_out == []
+    assert ds[i]["view_modalities"].tolist() == [0, 0] and kept.left_out == []
 
 
 def test_validation_and_test_patients_never_enter_pretraining(tiny, cache):
@@ -230,7 +230,7 @@ def test_union_of_data_sets(tiny, tmp_path, cache):
             item["patient_id"] == e.patient_id and item["case_id"].split(":")[0] == e.patient_id.split(":")[0]
         )
         if e.case_id.startswith("pool:"):
-            assert item["modality1"] == item["modality2"] == 0  # T2WI is the pool's only modality
+            assert item["view_modalities"].tolist() == [0, 0]  # T2WI is the pool's only modality
     strict = make_dm(union, cache, pairs={"policy": "cross"})
     assert len(strict.left_out) == 4 + 1  # the pool's cases and the single-modality lesion
 
@@ -263,15 +263,16 @@ def test_yaml_augmentation_keeps_shape_and_views_are_independent(tiny, cache):
     ds = dm.pair_dataset()
     torch.manual_seed(0)
     item = ds[0]
-    assert item["view1"].shape == item["view2"].shape == (1, *SHAPE)
-    assert item["modality1"] == item["modality2"]
-    assert not torch.equal(item["view1"], item["view2"])  # same modality, two independent augmentations
-    assert type(item["view1"]) is torch.Tensor  # plain tensors (no MetaTensor) reach the collate
+    v1, v2 = item["views"]
+    assert v1.shape == v2.shape == (1, *SHAPE)
+    assert item["view_modalities"][0] == item["view_modalities"][1]
+    assert not torch.equal(v1, v2)  # same modality, two independent augmentations
+    assert type(v1) is torch.Tensor  # plain tensors (no MetaTensor) reach the collate
 
 
 def _batches(dm: MDADataModule, seed: int, workers: int, n: int = 3) -> list[dict]:
     seed_everything(seed, workers=True)
-    loader = dm._loader(dm.pair_dataset(), shuffle=True, drop_last=True)
+    loader = dm._loader(dm.pair_dataset(), shuffle=True, drop_last=True, collate_fn=collate_views)
     loader.worker_init_fn = pl_worker_init_function if workers else None
     out = []
     for i, batch in enumerate(loader):
@@ -288,8 +289,8 @@ def test_views_reproduce_under_seed_everything(tiny, cache, workers):
     a, b, c = _batches(dm, 5, workers), _batches(dm, 5, workers), _batches(dm, 6, workers)
     for x, y in zip(a, b):
         assert x["case_id"] == y["case_id"]
-        assert torch.equal(x["view1"], y["view1"]) and torch.equal(x["view2"], y["view2"])
-    assert not all(torch.equal(x["view1"], z["view1"]) for x, z in zip(a, c))
+        assert all(torch.equal(u, v) for u, v in zip(x["views"], y["views"]))
+    assert not all(torch.equal(x["views"][0], z["views"][0]) for x, z in zip(a, c))
 
 
 def test_batched_transforms_draw_per_sample():
@@ -325,9 +326,9 @@ def test_batched_transforms_draw_per_sample():
 def test_batch_augment_applies_to_training_views_only(tiny, cache):
     dm = make_dm(tiny_layout(tiny), cache, batch_augment=[BatchRandGaussianNoise(prob=1.0, std=0.5)])
     batch = next(iter(dm.train_dataloader()))
-    v1, v2 = batch["view1"].clone(), batch["view2"].clone()
+    v1, v2 = (v.clone() for v in batch["views"])
     out = dm.on_after_batch_transfer(batch, 0)
-    d1, d2 = out["view1"] - v1, out["view2"] - v2
+    d1, d2 = out["views"][0] - v1, out["views"][1] - v2
     assert d1.abs().sum() > 0 and d2.abs().sum() > 0 and not torch.allclose(d1, d2)
     case_batch = next(iter(dm.val_dataloader()[0]))
     image = case_batch["image"].clone()
@@ -339,7 +340,7 @@ def test_case_dataset_items_carry_ids(tiny, cache):
     ds = CaseDataset(dm.part_entries("train"))
     item = ds[0]
     assert {"case_id", "patient_id", "index", "present"} <= set(item)
-    assert isinstance(PairDataset(ds, dm.sampler)[0]["index"], int)
+    assert isinstance(ViewDataset(ds, dm.sampler)[0]["index"], int)
 
 
 # ---- the example-pair grid ----
@@ -462,4 +463,80 @@ def test_chaos_one_modality_cross_fails_clearly_same_works(shared_data):
         ds = dm.pair_dataset()
         assert len(ds) == 20 and dm.left_out == [] and dm.val_dataloader() == []
         item = ds[0]
-        assert item["modality1"] == item["modality2"] == 0 and item["view1"].shape == (1, 16, 96, 96)
+        assert item["view_modalities"].tolist() == [0, 0] and item["views"][0].shape == (1, 16, 96, 96)
+
+
+# ---- phase-aware policies: hybrid (anchor, other phase, same phase) and stack (whole multi-phase case) ----
+
+
+def test_hybrid_views_are_anchor_cross_and_same(tiny, cache):
+    dm = make_dm(tiny_layout(tiny), cache, pairs={"policy": "hybrid"})
+    assert dm.view_plan == {"policy": "hybrid", "views": 3, "kind": "modality"}
+    ds = dm.pair_dataset()
+    arrays = {e.case_id: e.load().astype(np.float32) for e in ds.base.entries}
+    torch.manual_seed(0)
+    batch = next(iter(dm._loader(ds, shuffle=True, collate_fn=collate_views)))
+    assert len(batch["views"]) == 3 and len(batch["view_modalities"]) == 3
+    a, b, c = (m.tolist() for m in batch["view_modalities"])
+    assert a == c and all(x != y for x, y in zip(a, b))
+    for i, case in enumerate(batch["case_id"]):  # no augmentation configured: views are the case's volumes
+        for v, m in zip(batch["views"], (a, b, c)):
+            np.testing.assert_array_equal(v[i, 0].numpy(), arrays[case][m[i]])
+    assert SINGLE in dm.left_out  # one real modality: no cross-phase pair
+
+
+def test_stack_views_share_spatial_draw_and_draw_intensity_per_phase(tiny, cache):
+    augment, _ = _augment_cfg()
+    dm = make_dm(tiny_layout(tiny), cache, augment=augment, pairs={"policy": "stack"})
+    assert dm.view_plan == {"policy": "stack", "views": 2, "kind": "stack"}
+    ds = dm.pair_dataset()
+    i = [e.case_id for e in ds.base.entries].index(MISSING_DWI)
+    torch.manual_seed(1)
+    item = ds[i]
+    v1, v2 = item["views"]
+    assert v1.shape == v2.shape == (len(PHASES), *SHAPE) and item["view_modalities"].tolist() == [STACK, STACK]
+    assert not torch.equal(v1, v2)  # two independent draws
+    assert torch.count_nonzero(v1[PHASES.index("DWI")]) == 0  # an absent phase stays zero
+    assert SINGLE in {e.case_id for e in ds.base.entries}  # a stack needs one real phase, not two
+
+
+def test_stack_spatial_part_is_one_draw_for_all_phases(tiny, cache):
+    from monai.transforms import RandFlip, RandScaleIntensity
+
+    flip = [RandFlip(prob=0.5, spatial_axis=2)]
+    dm = make_dm(tiny_layout(tiny), cache, augment=flip, pairs={"policy": "stack"})
+    ds = dm.pair_dataset()
+    e = ds.base.entries[0]
+    x = torch.from_numpy(e.load().astype(np.float32)) * torch.tensor(e.present).view(-1, 1, 1, 1)
+    torch.manual_seed(0)
+    for _ in range(12):
+        v = ds[0]["views"][0]
+        assert torch.equal(v, x) or torch.equal(v, x.flip(3))  # all phases flipped together, or none
+    bad = make_dm(
+        tiny_layout(tiny), cache, augment=[RandScaleIntensity(factors=0.1), *flip], pairs={"policy": "stack"}
+    )
+    with pytest.raises(ConfigError, match="spatial transform must come before"):
+        bad.pair_dataset()
+
+
+def test_batched_stack_augment_keeps_absent_phases_zero(tiny, cache):
+    dm = make_dm(
+        tiny_layout(tiny), cache, pairs={"policy": "stack"}, batch_augment=[BatchRandIntensity(shift_prob=1.0)]
+    )
+    seen_absent = 0
+    for batch in dm.train_dataloader():
+        out = dm.on_after_batch_transfer(batch, 0)
+        absent = ~out["present"]
+        seen_absent += int(absent.sum())
+        for v in out["views"]:
+            assert torch.count_nonzero(v[absent]) == 0  # the shift is drawn per phase, never on absent ones
+    assert seen_absent > 0
+
+
+def test_phase_aware_policies_refuse_one_modality_data_and_unknown_policies():
+    with pytest.raises(ConfigError, match=r"policy='stack' needs a data set with two or more modalities"):
+        PairSampler(["T2WI"], policy="stack")
+    with pytest.raises(ConfigError, match=r"policy='hybrid' needs"):
+        PairSampler(["T2WI"], policy="hybrid")
+    with pytest.raises(ConfigError, match=r"unknown policy 'stak'.*'cross', 'same', 'mixed', 'hybrid', 'stack'"):
+        PairSampler(["a", "b"], policy="stak")

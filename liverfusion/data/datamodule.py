@@ -125,7 +125,7 @@ class MultiModalDataModule(L.LightningDataModule):
         super().__init__()
         self.layout = layout
         pre = to_plain(preprocess) or {}
-        self.preprocess = pre if isinstance(pre, PreprocessConfig) else PreprocessConfig(**pre)
+        self.preprocess = pre if isinstance(pre, PreprocessConfig) else PreprocessConfig.from_dict(pre)
         self.split_cfg = self._check_split(to_plain(split) or {})
         self.cache_dir = Path(cache_dir)
         self.batch_size = check_value("data.batch_size", batch_size, "int", low=1)
@@ -312,7 +312,7 @@ class MultiModalDataModule(L.LightningDataModule):
         return out
 
     def _loader(
-        self, dataset, shuffle: bool, drop_last: bool = False, sampler=None, batch_size=None
+        self, dataset, shuffle: bool, drop_last: bool = False, sampler=None, batch_size=None, collate_fn=None
     ) -> DataLoader:
         # torchdata's StatefulDataLoader: Lightning checkpoints its position, so a run killed mid-epoch resumes
         # with the remaining batches of that epoch in the original order (not a restarted, truncated epoch)
@@ -325,6 +325,7 @@ class MultiModalDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             drop_last=drop_last,
+            collate_fn=collate_fn,
         )
 
 

@@ -1,10 +1,17 @@
 """MDA: multi-modality data augmentation. A positive pair = two independently augmented views of the SAME case,
 usually of two different modalities (phases), so a weight-sharing encoder learns what the phases have in common.
 
-Policies: ``cross`` (two different modalities; uniform or weighted), ``same`` (one modality twice: plain SimSiam,
-the ablation without MDA), ``mixed`` (cross with probability ``p_cross``, else same). Only modalities a case really
-has are drawn (missing and filler-copy modalities are excluded). A pair is always built from one case, so it can
-never mix patients; case and patient ids travel in the batch so that this can be audited.
+Policies (``data.pairs.policy``), each a list of views of one case (``batch["views"]``):
+- ``cross`` (the paper's MDA: two different modalities; uniform or weighted), ``same`` (one modality twice: plain
+  SimSiam, the ablation without MDA), ``mixed`` (cross with probability ``p_cross``, else same);
+- ``hybrid``: three views, anchor modality a, another modality b, and a again: (0, 1) is a cross-phase pair (what
+  the phases share), (0, 2) a same-phase pair (what phase a adds); the method trains one part of the embedding on
+  each (DeCUR / FactorCL split shared and specific parts);
+- ``stack``: two views, each the whole multi-phase stack of the case (M channels, absent phases zero). A view's
+  spatial augmentation is shared by all its phases, so cross-phase contrast survives; intensity augmentation is
+  drawn per phase; the two views are independent. What is pre-trained is the network that sees all phases.
+Only modalities a case really has are drawn (missing and filler-copy modalities are excluded). Views are always built
+from one case, so they can never mix patients; case and patient ids travel in the batch so that this can be audited.
 """
 
 from __future__ import annotations
@@ -15,18 +22,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from monai.transforms import Compose
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from liverfusion.data.cache import CachedCase
 from liverfusion.data.datamodule import MultiModalDataModule, check_value
 from liverfusion.data.datasets import CaseDataset
-from liverfusion.data.transforms import build_batch_transform, build_transform, reseed
+from liverfusion.data.transforms import (
+    BatchRandAffine,
+    BatchRandFlip,
+    build_batch_transform,
+    build_transform,
+    reseed,
+)
 from liverfusion.errors import ConfigError
 from liverfusion.utils.hydra_utils import to_plain
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("cross", "same", "mixed")
+POLICIES = ("cross", "same", "mixed", "hybrid", "stack")
+STACK = -1  # view_modalities value of a stack view (all modalities at once)
 PRETRAIN_PARTS = ("train", "unlabelled")
 PAIR_KEYS = ("policy", "p_cross", "weights", "fallback_same")
 
@@ -47,7 +62,12 @@ class PairSampler:
         fallback_same: bool = False,
     ):
         if policy not in POLICIES:
-            raise ConfigError(f"pairs.policy must be one of {POLICIES}, got {policy!r}")
+            raise ConfigError(f"data.pairs.policy: unknown policy {policy!r}; choose one of {list(POLICIES)}")
+        if policy in ("hybrid", "stack") and len(modalities) < 2:
+            raise ConfigError(
+                f"data.pairs.policy={policy!r} needs a data set with two or more modalities, this one has "
+                f"{list(modalities)}; use pairs.policy=same"
+            )
         self.p_cross = check_value("data.pairs.p_cross", p_cross, "float", 0, 1)
         self.modalities = list(modalities)
         self.policy = policy
@@ -68,18 +88,34 @@ class PairSampler:
     def usable(self, present: Sequence[bool]) -> bool:
         """Whether the case can give a pair under this policy (else it is left out and counted)."""
         n = len(self.drawable(present))
-        if self.policy == "same":
+        if self.policy in ("same", "stack"):
             return n >= 1
         return n >= 2 or (n == 1 and self.fallback_same)
 
-    def draw(self, present: Sequence[bool], generator: torch.Generator | None = None) -> tuple[int, int]:
+    @property
+    def num_views(self) -> int:
+        return 3 if self.policy == "hybrid" else 2
+
+    def draw_views(self, present: Sequence[bool], generator: torch.Generator | None = None) -> tuple[int, ...]:
+        """The modality index of each view (:data:`STACK` for a stack view)."""
+        if self.policy == "stack":
+            return (STACK, STACK)
+        if self.policy == "hybrid":
+            a, b = PairSampler.draw(self, present, generator, cross=True)
+            return (a, b, a)
+        return self.draw(present, generator)
+
+    def draw(
+        self, present: Sequence[bool], generator: torch.Generator | None = None, cross: bool | None = None
+    ) -> tuple[int, int]:
         idx = self.drawable(present)
         if not idx:
             raise ValueError(f"no drawable modality among present={list(present)}")
         w = torch.tensor(self.weights[idx], dtype=torch.float64)
-        cross = self.policy == "cross" or (
-            self.policy == "mixed" and torch.rand(1, generator=generator).item() < self.p_cross
-        )
+        if cross is None:
+            cross = self.policy == "cross" or (
+                self.policy == "mixed" and torch.rand(1, generator=generator).item() < self.p_cross
+            )
         if cross and len(idx) >= 2:
             a, b = torch.multinomial(w, 2, replacement=False, generator=generator).tolist()
             return idx[a], idx[b]
@@ -87,38 +123,92 @@ class PairSampler:
         return idx[a], idx[a]
 
 
-class PairDataset(Dataset):
-    """Items: ``view1``/``view2`` (1, D, H, W), their modality indices, case/patient ids and label."""
+def split_spatial(transform: Any) -> tuple[Any, Any]:
+    """(spatial part, intensity part) of a per-view pipeline, for ``stack`` views: the spatial part runs once on the
+    whole stack (one draw shared by its phases), the intensity part per phase. Spatial items must come first."""
+    if transform is None:
+        return None, None
+    items = list(transform.transforms) if isinstance(transform, Compose) else [transform]
+    kinds = [_is_spatial(t) for t in items]
+    if any(later and not earlier for earlier, later in zip(kinds, kinds[1:])):
+        names = [type(t).__name__ for t in items]
+        raise ConfigError(
+            f"data.augment {names}: policy stack applies the spatial transforms to the whole stack and the "
+            "intensity transforms per phase, so every spatial transform must come before the intensity ones"
+        )
+    spatial = [t for t, k in zip(items, kinds) if k]
+    intensity = [t for t, k in zip(items, kinds) if not k]
+    return (Compose(spatial) if spatial else None), (Compose(intensity) if intensity else None)
+
+
+def _is_spatial(t: Any) -> bool:
+    """MONAI's spatial and crop/pad transforms, torchio's SpatialTransform, liverfusion's batched flip/affine."""
+    module = type(t).__module__
+    if module.startswith(("monai.transforms.spatial", "monai.transforms.croppad")):
+        return True
+    if module.startswith("torchio"):
+        import torchio
+
+        return isinstance(t, torchio.transforms.SpatialTransform)
+    return isinstance(t, BatchRandFlip | BatchRandAffine)
+
+
+class ViewDataset(Dataset):
+    """Items: ``views`` (a list of (C, D, H, W) tensors, C = 1 per modality view, C = M per stack view),
+    ``view_modalities`` (the modality of each view, -1 for a stack), ``present`` (M,), case/patient ids, label."""
 
     def __init__(self, base: CaseDataset, sampler: PairSampler, transform: Any = None):
         self.base = base
         self.sampler = sampler
         self.transform = transform
+        self.spatial, self.intensity = (
+            split_spatial(transform) if sampler.policy == "stack" else (None, None)
+        )
 
     def __len__(self) -> int:
         return len(self.base)
 
     def _view(self, x: np.ndarray, m: int) -> torch.Tensor:
         v = torch.from_numpy(np.asarray(x[m : m + 1], dtype=np.float32))
-        if self.transform is not None:
-            reseed(self.transform)
-            v = torch.as_tensor(self.transform(v)).float()
-        return v.as_subclass(torch.Tensor)
+        return _augmented(v, self.transform)
+
+    def _stack(self, x: np.ndarray, present: Sequence[bool]) -> torch.Tensor:
+        keep = torch.tensor(list(present), dtype=torch.float32).view(-1, 1, 1, 1)
+        v = _augmented(torch.from_numpy(np.asarray(x, dtype=np.float32)) * keep, self.spatial)
+        if self.intensity is not None:  # each phase its own draw; absent phases stay zero
+            v = torch.cat(
+                [_augmented(v[m : m + 1], self.intensity) if p else v[m : m + 1] for m, p in enumerate(present)]
+            )
+        return v
 
     def __getitem__(self, index: int) -> dict:
         e: CachedCase = self.base.entries[index]
-        m1, m2 = self.sampler.draw(e.present)
+        chosen = self.sampler.draw_views(e.present)
         x = self.base.array(index)
+        views = [self._stack(x, e.present) if m == STACK else self._view(x, m) for m in chosen]
         return {
-            "view1": self._view(x, m1),
-            "view2": self._view(x, m2),
-            "modality1": m1,
-            "modality2": m2,
+            "views": views,
+            "view_modalities": torch.tensor(chosen, dtype=torch.long),
+            "present": torch.tensor(list(e.present), dtype=torch.bool),
             "label": -1 if e.label is None else int(e.label),
             "case_id": e.case_id,
             "patient_id": e.patient_id,
             "index": index,
         }
+
+
+def _augmented(v: torch.Tensor, transform: Any) -> torch.Tensor:
+    if transform is not None:
+        reseed(transform)
+        v = torch.as_tensor(transform(v)).float()
+    return v.as_subclass(torch.Tensor)
+
+
+def collate_views(items: list[dict]) -> dict:
+    """Default collate, except that ``view_modalities`` becomes one (N,) tensor per view, like ``views``."""
+    batch = default_collate(items)
+    batch["view_modalities"] = list(batch["view_modalities"].unbind(1))
+    return batch
 
 
 class MDADataModule(MultiModalDataModule):
@@ -206,9 +296,15 @@ class MDADataModule(MultiModalDataModule):
             "policy": self.sampler.policy,
         }
 
-    def pair_dataset(self) -> PairDataset:
+    @property
+    def view_plan(self) -> dict[str, Any]:
+        """What a batch's views mean, for the SSL module to check it can use them (see the module docstring)."""
+        kind = "stack" if self.sampler.policy == "stack" else "modality"
+        return {"policy": self.sampler.policy, "views": self.sampler.num_views, "kind": kind}
+
+    def pair_dataset(self) -> ViewDataset:
         base = CaseDataset(self.pretrain_entries(), in_memory=self.in_memory)
-        return PairDataset(base, self.sampler, self.augment)
+        return ViewDataset(base, self.sampler, self.augment)
 
     def train_dataloader(self) -> DataLoader:
         ds = self.pair_dataset()
@@ -216,7 +312,7 @@ class MDADataModule(MultiModalDataModule):
             raise ConfigError(
                 f"only {len(ds)} pre-training cases for batch_size={self.batch_size} with drop_last"
             )
-        return self._loader(ds, shuffle=True, drop_last=self.drop_last)
+        return self._loader(ds, shuffle=True, drop_last=self.drop_last, collate_fn=collate_views)
 
     def monitor_datasets(self) -> tuple[CaseDataset, CaseDataset] | None:
         bank = self.part_entries("train", labelled_only=True)
@@ -242,8 +338,18 @@ class MDADataModule(MultiModalDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         training = self.trainer is None or self.trainer.training
-        if self.batch_augment is not None and training and isinstance(batch, dict) and "view1" in batch:
+        if self.batch_augment is not None and training and isinstance(batch, dict) and "views" in batch:
             g = self.batch_generator()
-            batch["view1"] = self.batch_augment(batch["view1"], generator=g)  # two calls: independent draws
-            batch["view2"] = self.batch_augment(batch["view2"], generator=g)
+            stack = self.sampler.policy == "stack"
+            # one call per view: independent draws
+            batch["views"] = [self._batch_view(v, g, stack, batch["present"]) for v in batch["views"]]
         return batch
+
+    def _batch_view(self, v: torch.Tensor, g: torch.Generator, stack: bool, present: torch.Tensor) -> torch.Tensor:
+        """A stack view: spatial transforms on the whole stack (shared by its phases), intensity ones per phase."""
+        if not stack:
+            return self.batch_augment(v, generator=g)
+        n, m = v.shape[:2]
+        for t in self.batch_augment.transforms:
+            v = t(v, generator=g) if _is_spatial(t) else t(v.reshape(n * m, 1, *v.shape[2:]), generator=g).view_as(v)
+        return v * present.view(n, m, 1, 1, 1).to(v.dtype)

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def draw_pairs(dataset: Any, n: int = 8, seed: int = 0) -> list[dict]:
-    """``n`` items of a :class:`~liverfusion.data.mda.PairDataset`, cases chosen and augmented under ``seed``.
+    """``n`` items of a :class:`~liverfusion.data.mda.ViewDataset`, cases chosen and augmented under ``seed``.
 
     Torch's global generator is forked, so drawing examples does not change the training run's random stream.
     """
@@ -65,13 +65,13 @@ def pairs_figure(
         ax.set_axis_off()
     for k, item in enumerate(items):
         band, col = divmod(k, per_row)
-        for row, key in enumerate(("view1", "view2")):
+        for row in range(2):  # the first two views (a hybrid item's third is the anchor's phase again)
             ax = axes[2 * band + row, col]
-            img = _centre_slice(item[key])
+            img = _centre_slice(item["views"][row])
             lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
-            m = int(item["modality1" if row == 0 else "modality2"])
-            name = modalities[m] if 0 <= m < len(modalities) else str(m)
+            m = int(item["view_modalities"][row])
+            name = modalities[m] if 0 <= m < len(modalities) else f"stack ({modalities[0]})"
             case = "" if item["case_id"] == item["patient_id"] else f" (case {item['case_id']})"
             header = f"patient {item['patient_id']}{case}\n" if row == 0 else ""
             ax.set_title(f"{header}view {row + 1}: {name}", fontsize=9)
