@@ -37,8 +37,8 @@ class StepTimer(L.Callback):
         self._seen += 1
         if self._seen > self.warmup:  # counted over epochs: short epochs still give timed steps
             self.times.append(time.perf_counter() - self._t)
-            key = "view1" if "view1" in batch else "image"
-            self.samples += int(batch[key].shape[0])
+            x = batch["views"][0] if "views" in batch else batch["image"]
+            self.samples += int(x.shape[0])
 
 
 def run(experiment: str, overrides: list[str], workdir: Path) -> dict:

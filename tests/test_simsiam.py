@@ -22,7 +22,12 @@ from liverfusion.models.collapse import L2NormalizedStd, collapse_level
 from liverfusion.models.losses import SimSiamLoss
 from liverfusion.modules.knn import knn_predict
 from liverfusion.modules.simsiam import SimSiam
-from liverfusion.modules.ssl_base import ENCODER_FORMAT, TrainingDivergedError, load_encoder_payload
+from liverfusion.modules.ssl_base import (
+    ENCODER_FORMAT,
+    TrainingDivergedError,
+    load_encoder_payload,
+    ssl_config,
+)
 from tests.helpers import PHASES, write_lld_like
 
 SHAPE = (6, 16, 16)
@@ -36,20 +41,31 @@ TINY_ENCODER = {
 }
 
 
+SPEC = {
+    "modalities": PHASES,
+    "class_names": ["a", "b", "c"],
+    "input_shape": list(SHAPE),
+    "preprocess": {"normalize": "percentile"},
+    "dataset": "tiny",
+}
+
+
 def tiny_model(**kw) -> SimSiam:
-    args = {
-        "projector": {"hidden_dim": 32, "out_dim": 16},
-        "predictor": {"hidden_dim": 8},
-        "data_spec": {
-            "modalities": PHASES,
-            "class_names": ["a", "b", "c"],
-            "input_shape": list(SHAPE),
-            "preprocess": {"normalize": "percentile"},
-            "dataset": "tiny",
-        },
+    """conf/model/simsiam.yaml's values (the code has no defaults) with tiny heads and ``kw`` merged per section."""
+    args = ssl_config(
+        "simsiam", projector={"hidden_dim": 32, "out_dim": 16}, predictor={"hidden_dim": 8}, **kw
+    )
+    return SimSiam(build_encoder(**TINY_ENCODER), data_spec=SPEC, **args)
+
+
+def views_batch(n: int = 4, **extra) -> dict:
+    """A batch as the data side's contract has it (two one-phase views of each case)."""
+    return {
+        "views": [torch.randn(n, 1, *SHAPE), torch.randn(n, 1, *SHAPE)],
+        "view_modalities": [torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)],
+        "present": torch.ones(n, len(PHASES), dtype=torch.bool),
+        **extra,
     }
-    args.update(kw)
-    return SimSiam(build_encoder(**TINY_ENCODER), **args)
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +123,10 @@ def test_gradients_never_reach_the_stop_gradient_branch():
     assert p1.grad is not None and p1.grad.abs().sum() > 0
 
     model = tiny_model()  # in the model z1 also feeds p1; only that path may carry its gradient
-    batch = {"view1": torch.randn(4, 1, *SHAPE), "view2": torch.randn(4, 1, *SHAPE)}
+    batch = views_batch()
     z_grads = []
     handle = model.projector.register_full_backward_hook(lambda m, gi, go: z_grads.append(go[0].clone()))
-    f1, f2 = model.encode(batch["view1"]), model.encode(batch["view2"])
+    f1, f2 = model.encode(batch["views"][0]), model.encode(batch["views"][1])
     z1, z2 = model.projector(f1), model.projector(f2)
     p1, p2 = model.predictor(z1), model.predictor(z2)
     model.criterion(p1, p2, z1, z2).backward()
@@ -197,12 +213,8 @@ def test_exclude_bn_bias_puts_norms_and_biases_in_no_decay_groups():
 
 def test_nan_loss_raises_naming_step_and_cases():
     model = tiny_model()
-    batch = {
-        "view1": torch.full((4, 1, *SHAPE), float("nan")),
-        "view2": torch.randn(4, 1, *SHAPE),
-        "case_id": ["P0001", "P0002", "P0003", "P0004"],
-        "label": torch.zeros(4, dtype=torch.long),
-    }
+    batch = views_batch(case_id=["P0001", "P0002", "P0003", "P0004"], label=torch.zeros(4, dtype=torch.long))
+    batch["views"][0] = torch.full((4, 1, *SHAPE), float("nan"))
     with pytest.raises(TrainingDivergedError, match=r"global step 0.*P0001.*P0004"):
         model.training_step(batch, 0)
 
@@ -248,12 +260,7 @@ def test_training_logs_loss_lr_z_std_and_knn_monitor_then_exports_encoder(tiny_d
 def test_probe_never_changes_the_encoder_gradient():
     torch.manual_seed(0)
     model = tiny_model(probe={"enabled": True})
-    batch = {
-        "view1": torch.randn(4, 1, *SHAPE),
-        "view2": torch.randn(4, 1, *SHAPE),
-        "case_id": ["a", "b", "c", "d"],
-        "label": torch.tensor([0, 1, -1, 2]),
-    }
+    batch = views_batch(case_id=["a", "b", "c", "d"], label=torch.tensor([0, 1, -1, 2]))
     state = torch.get_rng_state()
     model.training_step(batch, 0).backward()
     with_probe = [p.grad.clone() for p in model.encoder.parameters()]
@@ -289,10 +296,13 @@ def test_collapse_alarm_warns_and_optionally_stops(tiny_dm_factory, tmp_path, st
     dm = tiny_dm_factory(monitor=False)
     model = SimSiam(
         ConstantEncoder(),
-        projector={"hidden_dim": 16, "out_dim": 16},
-        predictor={"hidden_dim": 8},
-        collapse={"alarm_fraction": 0.5, "stop": stop},
-        knn={"enabled": False},
+        **ssl_config(
+            "simsiam",
+            projector={"hidden_dim": 16, "out_dim": 16},
+            predictor={"hidden_dim": 8},
+            collapse={"alarm_fraction": 0.5, "stop": stop},
+            knn={"enabled": False},
+        ),
         data_spec={"modalities": PHASES, "class_names": ["a", "b", "c"]},
     )
     with pytest.warns(UserWarning, match="collapse alarm at epoch 0"):

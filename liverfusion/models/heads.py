@@ -1,4 +1,9 @@
-"""Small composable MLP heads: SimSiam projector and predictor (REFERENCE section 2) and a classifier head."""
+"""Small composable MLP heads (lightly's idea, our own code): one :class:`MLPHead` builds the projectors and
+predictors of SimSiam and BYOL and VICReg's expander; :class:`ClassifierHead` is the head of every fusion block.
+
+No sizes live here: the SSL modules pass the sizes of ``conf/model/<method>.yaml`` and the layout their paper
+uses (which norm, whether the last layer is normalised).
+"""
 
 from __future__ import annotations
 
@@ -9,55 +14,98 @@ from torch import nn
 
 from liverfusion.errors import ConfigError
 
+NORMS = ("batch", "none")
+LAST_NORMS = ("affine", "plain", "none")
 
-class ProjectionHead(nn.Module):
-    """SimSiam projector: ``num_layers`` x (Linear without bias -> BatchNorm1d), ReLU between them.
 
-    The last BatchNorm has ``affine=False`` (as in SimSiam): z is standardised per dimension, which is what makes
-    the per-dimension std of normalised z a meaningful collapse signal. Paper dims are 2048; the CPU presets
-    use smaller ones.
+class MLPHead(nn.Module):
+    """``hidden_dims`` x (Linear -> norm -> ReLU), then Linear -> ``last_norm``; ``layers`` is one Sequential.
+
+    Args:
+        in_dim / hidden_dims / out_dim: widths (every one >= 1; ``hidden_dims`` may be empty: one Linear).
+        norm: after each hidden Linear, ``batch`` (BatchNorm1d) or ``none``.
+        last_norm: after the output Linear, ``affine`` (BatchNorm1d with weight and bias), ``plain`` (BatchNorm1d
+            without them: SimSiam's standardised z) or ``none`` (BYOL, VICReg, predictors).
+        bias: ``None`` gives each Linear a bias exactly when no BatchNorm follows it (a bias before BN is
+            cancelled by the mean subtraction); True/False force it for every Linear.
+        name: what error messages call the head (e.g. ``model.projector``).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048, num_layers: int = 3):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dims: Sequence[int],
+        out_dim: int,
+        norm: str = "batch",
+        last_norm: str = "none",
+        bias: bool | None = None,
+        name: str = "head",
+    ):
         super().__init__()
-        if num_layers not in (2, 3):
-            raise ConfigError(f"projector num_layers={num_layers}: SimSiam uses 3 (ImageNet) or 2 (CIFAR)")
-        if min(in_dim, hidden_dim, out_dim) < 1:
-            raise ConfigError(f"projector dims must be positive, got {in_dim}->{hidden_dim}->{out_dim}")
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        hidden = [int(h) for h in hidden_dims]
+        dims = [int(in_dim), *hidden, int(out_dim)]
+        if min(dims) < 1:
+            raise ConfigError(
+                f"{name}: every width must be >= 1, got {' -> '.join(str(d) for d in dims)}; "
+                "fix the head's hidden_dim/out_dim in conf/model/<method>.yaml"
+            )
+        if norm not in NORMS:
+            raise ConfigError(f"{name}: norm={norm!r} is unknown; choose one of {list(NORMS)}")
+        if last_norm not in LAST_NORMS:
+            raise ConfigError(f"{name}: last_norm={last_norm!r} is unknown; choose one of {list(LAST_NORMS)}")
         layers: list[nn.Module] = []
-        for i in range(num_layers):
-            last = i == num_layers - 1
-            layers += [
-                nn.Linear(dims[i], dims[i + 1], bias=False),
-                nn.BatchNorm1d(dims[i + 1], affine=not last),
-            ]
+        for i in range(len(dims) - 1):
+            last = i == len(dims) - 2
+            normed = (last_norm != "none") if last else (norm == "batch")
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=(not normed) if bias is None else bool(bias)))
+            if normed:
+                layers.append(nn.BatchNorm1d(dims[i + 1], affine=not last or last_norm == "affine"))
             if not last:
                 layers.append(nn.ReLU(inplace=True))
         self.layers = nn.Sequential(*layers)
-        self.in_dim, self.out_dim = in_dim, out_dim
+        self.in_dim, self.hidden_dims, self.out_dim = dims[0], hidden, dims[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
-class PredictionHead(nn.Module):
-    """SimSiam predictor: bottleneck Linear(no bias) -> BN -> ReLU -> Linear (with bias), e.g. 2048->512->2048."""
+def _depth(num_layers: int, allowed: Sequence[int], name: str) -> int:
+    if int(num_layers) not in allowed:
+        raise ConfigError(f"{name}: num_layers={num_layers} is not one of {list(allowed)}")
+    return int(num_layers)
 
-    def __init__(self, in_dim: int = 2048, hidden_dim: int = 512, out_dim: int = 2048):
-        super().__init__()
-        if min(in_dim, hidden_dim, out_dim) < 1:
-            raise ConfigError(f"predictor dims must be positive, got {in_dim}->{hidden_dim}->{out_dim}")
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
-        )
-        self.in_dim, self.out_dim = in_dim, out_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+class ProjectionHead(MLPHead):
+    """SimSiam projector: ``num_layers`` x (Linear without bias -> BatchNorm1d), ReLU between them.
+
+    The last BatchNorm has ``affine=False`` (as in SimSiam): z is standardised per dimension, which is what makes
+    the per-dimension std of normalised z a meaningful collapse signal. The paper uses 2048 everywhere and 3
+    layers (2 on CIFAR); the sizes come from ``conf/model/simsiam.yaml``.
+    """
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, name: str = "model.projector"
+    ):
+        depth = _depth(num_layers, (2, 3), f"{name} (SimSiam uses 3 on ImageNet, 2 on CIFAR)")
+        super().__init__(in_dim, [hidden_dim] * (depth - 1), out_dim, "batch", "plain", name=name)
+
+
+class PredictionHead(MLPHead):
+    """SimSiam / BYOL predictor: bottleneck Linear (no bias) -> BN -> ReLU -> Linear (with bias), e.g.
+    2048 -> 512 -> 2048 (SimSiam) or 256 -> 4096 -> 256 (BYOL)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, name: str = "model.predictor"):
+        super().__init__(in_dim, [hidden_dim], out_dim, "batch", "none", name=name)
+
+
+class ExpanderHead(MLPHead):
+    """VICReg expander: ``num_layers - 1`` x (Linear -> BN -> ReLU), then a plain Linear (paper: 8192 x 3)."""
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, name: str = "model.expander"
+    ):
+        depth = _depth(num_layers, range(1, 9), name)
+        super().__init__(in_dim, [hidden_dim] * (depth - 1), out_dim, "batch", "none", name=name)
 
 
 class ClassifierHead(nn.Module):

@@ -39,7 +39,7 @@ from liverfusion.models.classifier_net import EncodedModalities, FusionClassifie
 from liverfusion.models.encoder_base import Encoder, plain
 from liverfusion.models.encoder_factory import build_encoder
 from liverfusion.models.fusion import Fusion, build_fusion
-from liverfusion.modules.encoder_loading import load_pretrained_encoder
+from liverfusion.modules.encoder_loading import load_pretrained_network
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, split_decay
 from liverfusion.utils.hydra_utils import to_plain
 
@@ -190,8 +190,9 @@ class FusionClassifier(L.LightningModule):
         self.load_report: dict[str, Any] | None = None
         if init == "pretrained" and self.pretrained_cfg["path"]:
             path = self.pretrained_cfg["path"]
-            report = load_pretrained_encoder(
-                self.net.encoder,
+            # the encoder, and the fusion block (class head aside) when the file holds the same one (stack runs)
+            report = load_pretrained_network(
+                self.net,
                 path,
                 self.data_spec,
                 strict_normalization=bool(self.pretrained_cfg["strict_normalization"]),
@@ -394,7 +395,7 @@ class FusionClassifier(L.LightningModule):
         }  # weights may have been reloaded
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        from liverfusion.evaluate import batch_predictions
+        from liverfusion.evaluation import batch_predictions
 
         self._test_records.append(
             batch_predictions(
@@ -406,7 +407,7 @@ class FusionClassifier(L.LightningModule):
         )
 
     def on_test_epoch_end(self) -> None:
-        from liverfusion.evaluate import HEADLINE_METRICS, PredictionSet, write_evaluation
+        from liverfusion.evaluation import HEADLINE_METRICS, PredictionSet, write_evaluation
 
         records = self._test_records
         if self.trainer.world_size > 1:

@@ -1,4 +1,9 @@
-"""Load a pre-trained encoder into a classifier: from ``encoder.pt`` (the SimSiam export) or a Lightning checkpoint.
+"""Load a pre-trained encoder into a classifier: from ``encoder.pt`` (the SSL export) or a Lightning checkpoint.
+
+Files of ``stack`` pre-training (``model.backbone.kind=stack``) also hold the fusion block the encoder was trained
+with, without its class head (``fusion_state_dict`` + ``fusion_config``): :func:`load_pretrained_network` loads it
+too when the classifier's fusion block is the same (name and config, head options aside) on the same modalities in
+the same order, and says so in the report; otherwise that block starts from random weights, with a warning.
 
 Strict about what would silently ruin a fine-tune, lenient about what is by design:
 
@@ -30,6 +35,7 @@ from torch import nn
 from liverfusion.errors import CheckpointError
 from liverfusion.models.encoder_base import Encoder, plain
 from liverfusion.models.encoder_factory import encoder_config_diff
+from liverfusion.models.ssl_backbone import HEAD_KEYS as FUSION_HEAD_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,9 @@ class EncoderFile:
     preprocess: dict[str, Any] | None
     input_shape: list[int] | None
     meta: dict[str, Any] = field(default_factory=dict)
+    # stack pre-training only (absent from files of the main of 2026-12-02 and from modality pre-training)
+    fusion_state_dict: dict[str, torch.Tensor] | None = None
+    fusion_config: dict[str, Any] | None = None
 
 
 @dataclass
@@ -72,12 +81,14 @@ class LoadReport:
     unexpected: list[str]
     warnings: list[str]
     source: dict[str, Any]
+    fusion: dict[str, Any] | None = None  # what happened to the fusion block (load_pretrained_network)
 
     def as_dict(self) -> dict[str, Any]:
         return plain(
             {
                 "path": self.path,
                 "kind": self.kind,
+                "fusion": self.fusion,
                 "loaded_keys": self.loaded_keys,
                 "missing": self.missing,
                 "unexpected": self.unexpected,
@@ -236,7 +247,12 @@ def read_encoder_file(path: str | Path) -> EncoderFile:
         state = obj.get("state_dict")
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{path}: encoder file without a state_dict")
-        meta = {k: plain(v) for k, v in obj.items() if k not in ("state_dict",)}
+        meta = {k: plain(v) for k, v in obj.items() if k not in ("state_dict", "fusion_state_dict")}
+        fusion_state = obj.get("fusion_state_dict")
+        if fusion_state is not None and not isinstance(fusion_state, Mapping):
+            raise CheckpointError(
+                f"{path}: fusion_state_dict is a {type(fusion_state).__name__}, not a state dict"
+            )
         return EncoderFile(
             path=path,
             kind="encoder.pt",
@@ -246,6 +262,8 @@ def read_encoder_file(path: str | Path) -> EncoderFile:
             preprocess=plain(obj.get("preprocess")),
             input_shape=plain(obj.get("input_shape")),
             meta=meta,
+            fusion_state_dict=None if fusion_state is None else dict(fusion_state),
+            fusion_config=plain(obj.get("fusion_config")),
         )
     if "state_dict" in obj and "pytorch-lightning_version" in obj:
         if obj.get("liverfusion", {}).get("format", "").startswith("liverfusion-classifier"):
@@ -263,6 +281,13 @@ def read_encoder_file(path: str | Path) -> EncoderFile:
         lf = plain(obj.get("liverfusion") or {})
         spec = lf or hp.get("data_spec") or {}
         enc_cfg = lf.get("encoder_config") or hp.get("encoder_config") or _config_beside(path)
+        backbone = hp.get("backbone") if prefix == LIGHTNING_PREFIX else None
+        fusion_state, fusion_cfg = None, None
+        if isinstance(backbone, Mapping) and backbone.get("kind") == "stack":  # an SSL run on whole stacks
+            fusion_state = {
+                k[len("fusion.") :]: v for k, v in obj["state_dict"].items() if k.startswith("fusion.")
+            }
+            fusion_cfg = backbone.get("fusion")
         return EncoderFile(
             path=path,
             kind="lightning",
@@ -276,6 +301,8 @@ def read_encoder_file(path: str | Path) -> EncoderFile:
                 "global_step": obj.get("global_step"),
                 "dataset": spec.get("dataset"),
             },
+            fusion_state_dict=fusion_state,
+            fusion_config=fusion_cfg,
         )
     keys = sorted(obj)[:10]
     raise CheckpointError(
@@ -396,13 +423,107 @@ def load_pretrained_encoder(
 
     Raises CheckpointError for another architecture, channel count or normalisation, and for mis-shaped keys;
     missing or unexpected keys are refused too unless ``strict_keys=False``, which loads the matching ones and
-    lists the rest in the report. A different modality set gives an :class:`EncoderModalityWarning`.
+    lists the rest in the report. A different modality set gives an :class:`EncoderModalityWarning`; an encoder
+    that reads the modalities as channels (early fusion) must see them in the same order.
     """
+    return _load_encoder(
+        read_encoder_file(path), encoder, dict(data_spec or {}), strict_normalization, strict_keys
+    )
+
+
+def load_pretrained_network(
+    net: nn.Module,
+    path: str | Path,
+    data_spec: Mapping[str, Any] | None = None,
+    strict_normalization: bool = True,
+    strict_keys: bool = True,
+) -> LoadReport:
+    """The classifier's initialisation from a pre-training file: the encoder as :func:`load_pretrained_encoder`,
+    then the fusion block except its class head when the file holds one that fits (``report.fusion`` says)."""
     data_spec = dict(data_spec or {})
     file = read_encoder_file(path)
+    report = _load_encoder(file, net.encoder, data_spec, strict_normalization, strict_keys)
+    report.fusion = load_pretrained_fusion(net.fusion, file, list(data_spec.get("modalities") or []))
+    if report.fusion.get("reason") and file.fusion_state_dict is not None:
+        report.warnings.append(f"{file.path}: fusion block not loaded: {report.fusion['reason']}")
+    return report
+
+
+FUSION_HEAD_PREFIX = "head."  # every fusion block's class head is ``self.head``
+
+
+def load_pretrained_fusion(fusion: nn.Module, file: EncoderFile, modalities: list[str]) -> dict[str, Any]:
+    """Load ``file``'s fusion block into ``fusion`` (in place) when it is the same block on the same modalities;
+    the class head keeps its fresh weights. Returns ``{"loaded", "name", "tensors", "reason"}``."""
+    name = getattr(fusion, "name", type(fusion).__name__)
+    if file.fusion_state_dict is None:
+        return {"loaded": False, "name": name, "tensors": 0, "reason": "no fusion weights in the file"}
+    theirs = {k: v for k, v in (file.fusion_config or {}).items() if k not in FUSION_HEAD_KEYS}
+    ours = {k: v for k, v in fusion.config().items() if k not in FUSION_HEAD_KEYS}
+    reason = None
+    if theirs.get("name") != ours.get("name"):
+        reason = f"the file's fusion is {theirs.get('name')!r}, the classifier's {ours.get('name')!r}"
+    elif diffs := encoder_config_diff(ours, theirs):
+        reason = f"fusion {name!r} configured differently (" + "; ".join(diffs) + ")"
+    elif file.modalities and modalities and list(file.modalities) != list(modalities):
+        reason = (
+            f"pre-trained on modalities {list(file.modalities)}, the classifier has {list(modalities)}: the block's "
+            "groups follow the modality order"
+        )
+    if reason is not None:
+        log.warning("%s: fusion block not loaded: %s", file.path, reason)
+        return {"loaded": False, "name": name, "tensors": 0, "reason": reason}
+    own = {k: v for k, v in fusion.state_dict().items() if not k.startswith(FUSION_HEAD_PREFIX)}
+    state = {k: v for k, v in file.fusion_state_dict.items() if not k.startswith(FUSION_HEAD_PREFIX)}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    mis_shaped = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mis_shaped:
+        parts = [
+            _listing(label, keys)
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", mis_shaped),
+            )
+            if keys
+        ]
+        raise CheckpointError(f"{file.path}: fusion weights do not fit fusion {name!r}; " + "; ".join(parts))
+    result = fusion.load_state_dict(state, strict=False)
+    left = [k for k in result.missing_keys if not k.startswith(FUSION_HEAD_PREFIX)]
+    if (
+        left or result.unexpected_keys
+    ):  # cannot happen after the checks above; never load half a block silently
+        raise CheckpointError(f"{file.path}: fusion load left {left} / {result.unexpected_keys}")
+    log.info("fusion block %r loaded from %s (%d tensors; class head fresh)", name, file.path, len(state))
+    return {"loaded": True, "name": name, "tensors": len(state), "reason": None}
+
+
+def _load_encoder(
+    file: EncoderFile,
+    encoder: Encoder,
+    data_spec: dict[str, Any],
+    strict_normalization: bool,
+    strict_keys: bool,
+) -> LoadReport:
     notes = _check_architecture(file, encoder)
     notes += _check_preprocess(file, data_spec, strict_normalization)
-    notes += _check_modalities(file, list(data_spec.get("modalities") or []))
+    modalities = list(data_spec.get("modalities") or [])
+    if (
+        int(encoder.in_channels) > 1
+        and file.modalities
+        and modalities
+        and list(file.modalities) != modalities
+    ):
+        raise CheckpointError(
+            f"{file.path}: this encoder reads the modalities as its {encoder.in_channels} input channels in the "
+            f"order {list(file.modalities)}, but the classifier's data has {modalities}: its channels would mean "
+            "other phases; pre-train on the same modalities in the same order"
+        )
+    notes += _check_modalities(file, modalities)
     state = {k.removeprefix("module."): v for k, v in file.state_dict.items()}
     missing, unexpected, mis_shaped = _key_report(state, encoder)
     if mis_shaped or (strict_keys and (missing or unexpected)):

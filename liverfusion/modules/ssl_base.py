@@ -1,17 +1,21 @@
-"""Base self-supervised LightningModule (solo-learn's BaseMethod idea): optimiser with parameter groups,
-lr scaled by the global batch, warm-up + cosine, epoch-level collapse metric with an alarm, a kNN monitor and an
-optional online linear probe, and the ``encoder.pt`` export. Methods subclass it and implement ``ssl_step``.
+"""Base self-supervised LightningModule (solo-learn's BaseMethod idea, our own code): a backbone (the shared
+encoder, or encoder + fusion block on whole stacks), the objective's loop over the batch's list of views (every
+pair, or the hybrid shared/specific split), an optional phase-ID head, optimiser with parameter groups, lr scaled by
+the global batch, warm-up + cosine, an epoch-level collapse metric with an alarm, a kNN monitor, an optional online
+linear probe, and the ``encoder.pt`` export. Methods (SimSiam, BYOL, VICReg) subclass it and implement their heads
+and their loss on one pair of views; docs/extending.md, "Adding an SSL method".
 """
 
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
 import torch
@@ -21,9 +25,10 @@ from torch import nn
 from torchmetrics.functional.classification import multiclass_f1_score
 
 import liverfusion
-from liverfusion.errors import LiverfusionError
+from liverfusion.errors import ConfigError, LiverfusionError
 from liverfusion.models.collapse import L2NormalizedStd, collapse_level
-from liverfusion.models.encoder_base import Encoder
+from liverfusion.models.encoder_base import plain
+from liverfusion.models.ssl_backbone import build_backbone, fusion_config
 from liverfusion.modules.knn import knn_scores
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, scaled_lr, split_decay
 from liverfusion.utils.checkpoint_io import save_atomic
@@ -48,90 +53,441 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     return module
 
 
-class SSLModule(L.LightningModule, abc.ABC):
-    """Shared training logic of the SSL methods.
+# model sections every SSL method takes: (required keys, optional keys); None = a plain value, not a section
+Schema = dict[str, "tuple[tuple[str, ...], tuple[str, ...]] | None"]
+BASE_SCHEMA: Schema = {
+    "backbone": (("kind", "fusion"), ()),
+    "objective": (("name", "shared_fraction"), ()),
+    "phase_head": (("weight",), ()),
+    "optimizer": (
+        ("name", "base_lr", "momentum", "weight_decay", "exclude_bn_bias", "lr_reference_batch"),
+        ("nesterov", "betas"),
+    ),
+    "scheduler": (("warmup_fraction", "min_lr_ratio"), ("warmup_steps",)),
+    "knn": (("enabled", "k", "temperature"), ()),
+    "probe": (("enabled", "lr"), ()),
+    "collapse": (("alarm_fraction", "stop"), ()),
+    "export": (("filename", "wandb_artifact"), ()),
+    "channels_last": None,
+}
+OBJECTIVES = ("pair", "hybrid")
+COLLAPSE_KINDS = ("l2", "raw")
 
-    Args:
-        encoder: the weight-sharing encoder (``liverfusion.models``), one modality volume per input.
-        optimizer: ``name`` (sgd/adamw/adam), ``base_lr`` (scaled by global batch / ``lr_reference_batch``),
-            ``momentum``, ``weight_decay``, ``exclude_bn_bias`` (no decay on 1-D parameters).
-        scheduler: ``warmup_fraction`` or ``warmup_steps``, ``min_lr_ratio`` (cosine floor).
-        knn: ``enabled``, ``k``, ``temperature``: the kNN monitor on frozen features.
-        probe: ``enabled``, ``lr``: an online linear probe on detached features (a monitor, not a result).
-        collapse: ``alarm_fraction`` (warn when z_std < fraction / sqrt(d)), ``stop`` (end training then).
-        export: ``filename`` of the exported encoder, ``wandb_artifact``.
-        data_spec: what the data module reports (modalities, classes, input shape, preprocessing, data set).
-        channels_last: keep 3D conv weights in channels_last_3d (same numbers; a layout choice for speed).
+
+def check_section(
+    key: str, value: Any, required: Sequence[str], optional: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``model.<key>`` as a plain dict with exactly the known keys: unknown or missing ones are a ConfigError."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"model.{key} must be a mapping with keys {list(required)}, got {value!r}")
+    value = dict(value)
+    known = [*required, *optional]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"model.{key}: unknown key(s) {unknown}; known keys: {known}")
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise ConfigError(
+            f"model.{key}: missing key(s) {missing}; the defaults live in conf/model/<method>.yaml "
+            "(compose it, or build the arguments with liverfusion.modules.ssl_base.ssl_config)"
+        )
+    return value
+
+
+def ssl_config(method: str, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of an SSL module as ``conf/model/<method>.yaml`` gives them (without the encoder), each
+    override merged into its section: how tests and scripts build a module in Python with the YAML's defaults.
+
+    Same-group entries of the file's ``defaults`` list (e.g. ``_ssl``) are merged first, as Hydra does; group
+    entries (the encoder preset) are left out.
     """
+    from omegaconf import OmegaConf
+
+    from liverfusion.utils.hydra_utils import CONFIG_DIR
+
+    folder = Path(CONFIG_DIR) / "model"
+
+    def load(name: str) -> dict[str, Any]:
+        path = folder / f"{name}.yaml"
+        if not path.is_file():
+            choices = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+            raise ConfigError(f"model={name!r}: no {path}; choose one of {choices}")
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        merged: dict[str, Any] = {}
+        for entry in raw.pop("defaults", []) or []:
+            if isinstance(entry, str) and entry != "_self_":
+                merged = _merge(merged, load(entry))
+        return _merge(merged, raw)
+
+    cfg = load(method)
+    for key in ("_target_", "_convert_", "encoder"):
+        cfg.pop(key, None)
+    return _merge(cfg, overrides)
+
+
+def _merge(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = {**out[k], **v} if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+class RawStd(L2NormalizedStd):
+    """Epoch-level per-dimension std (over the batch) of the raw embedding, averaged over dimensions.
+
+    For embeddings that are not normalised (VICReg's expander output): its variance term keeps every
+    dimension's std at or above ``gamma``, and a collapsed embedding gives 0.
+    """
+
+    def update(self, z: torch.Tensor) -> None:
+        if z.ndim != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"RawStd(dim={self.dim}) got z of shape {tuple(z.shape)}")
+        u = z.detach().to(torch.float64)
+        self.total += u.sum(dim=0)
+        self.total_sq += (u * u).sum(dim=0)
+        self.count += u.shape[0]
+
+
+class SSLStepOutput(NamedTuple):
+    """``loss``; ``z``: per embedding part ("all", or "shared"/"specific"), the embeddings of its views for the
+    collapse metric; ``feats``: pooled features of view 0 (the online probe's input)."""
+
+    loss: torch.Tensor
+    z: dict[str, torch.Tensor]
+    feats: torch.Tensor
+
+
+class SSLModule(L.LightningModule, abc.ABC):
+    """Shared training logic of the SSL methods (subclass it; see docs/extending.md, "Adding an SSL method").
+
+    Every value comes from the config (``conf/model/<method>.yaml``, shared sections in ``conf/model/_ssl.yaml``);
+    unknown and missing keys are a ConfigError. Sections:
+
+    - ``backbone``: ``kind`` (modality: the shared encoder, one phase per view | stack: encoder + fusion block on
+      whole stacks) and ``fusion`` (stack only: a ``conf/fusion`` preset); see ``liverfusion.models.ssl_backbone``.
+    - ``objective``: ``name`` (pair: the method's loss on every pair of views, averaged | hybrid: the pooled
+      vector is split, the first ``shared_fraction`` of its dims trained on (view 0, view 1), the cross-phase pair,
+      the rest on (view 0, view 2), the same-phase pair; each part has its own heads) and ``shared_fraction``.
+    - ``phase_head``: ``weight`` > 0 adds a linear phase-ID classifier on the pooled features of every view
+      (cross-entropy against ``batch["view_modalities"]``, times the weight; logs ``monitor/phase_acc``).
+    - ``optimizer``: ``name`` (sgd/adamw/adam), ``base_lr`` (scaled by global batch / ``lr_reference_batch``),
+      ``momentum``, ``weight_decay``, ``exclude_bn_bias`` (no decay on 1-D parameters); optional ``nesterov``,
+      ``betas``.
+    - ``scheduler``: ``warmup_fraction`` (or optional ``warmup_steps``), ``min_lr_ratio`` (cosine floor).
+    - ``knn``: ``enabled``, ``k``, ``temperature``: the kNN monitor on frozen features.
+    - ``probe``: ``enabled``, ``lr``: an online linear probe on detached features (a monitor, not a result).
+    - ``collapse``: ``alarm_fraction`` (warn when z_std < fraction x a healthy std), ``stop`` (end training then).
+    - ``export``: ``filename`` of the exported encoder, ``wandb_artifact``.
+    - ``channels_last``: keep 3D conv weights in channels_last_3d (same numbers; a layout choice for speed).
+
+    ``data_spec`` is what the data module reports (modalities, classes, input shape, preprocessing, data set).
+
+    A method sets ``SCHEMA`` (its own sections), ``collapse_kind`` and implements :meth:`build_heads`,
+    :meth:`view_outputs`, :meth:`pair_loss` and :attr:`z_dim`.
+    """
+
+    SCHEMA: ClassVar[Schema] = {}
+    collapse_kind: ClassVar[str] = "l2"  # l2: std of l2-normalised z (healthy ~ 1/sqrt(d)) | raw: see RawStd
 
     def __init__(
         self,
-        encoder: Encoder,
-        optimizer: Mapping[str, Any] | None = None,
-        scheduler: Mapping[str, Any] | None = None,
-        knn: Mapping[str, Any] | None = None,
-        probe: Mapping[str, Any] | None = None,
-        collapse: Mapping[str, Any] | None = None,
-        export: Mapping[str, Any] | None = None,
+        encoder: nn.Module | Callable[..., nn.Module],
         data_spec: Mapping[str, Any] | None = None,
-        channels_last: bool = False,
+        **config: Any,
     ):
         super().__init__()
-        self.encoder = encoder
-        self.optimizer_cfg = {
-            "name": "sgd",
-            "base_lr": 0.05,
-            "momentum": 0.9,
-            "weight_decay": 1e-4,
-            "exclude_bn_bias": False,
-            "lr_reference_batch": 256,
-            **(to_plain(optimizer) or {}),
-        }
-        self.scheduler_cfg = {"warmup_fraction": 0.0, "min_lr_ratio": 0.0, **(to_plain(scheduler) or {})}
-        self.knn_cfg = {"enabled": True, "k": 20, "temperature": 0.07, **(to_plain(knn) or {})}
-        self.probe_cfg = {"enabled": False, "lr": 0.1, **(to_plain(probe) or {})}
-        self.collapse_cfg = {"alarm_fraction": 0.5, "stop": False, **(to_plain(collapse) or {})}
-        self.export_cfg = {"filename": "encoder.pt", "wandb_artifact": True, **(to_plain(export) or {})}
+        self.cfg = self._checked_config(config)
+        self.optimizer_cfg = self.cfg["optimizer"]
+        self.scheduler_cfg = self.cfg["scheduler"]
+        self.knn_cfg = self.cfg["knn"]
+        self.probe_cfg = self.cfg["probe"]
+        self.collapse_cfg = self.cfg["collapse"]
+        self.export_cfg = self.cfg["export"]
         self.data_spec = dict(to_plain(data_spec) or {})
         self.num_classes = len(self.data_spec.get("class_names") or [])
         self.modalities = list(self.data_spec.get("modalities") or [])
-        self.channels_last = bool(channels_last)
+        self.channels_last = bool(self.cfg["channels_last"])
+
+        bb = self.cfg["backbone"]
+        backbone = build_backbone(bb["kind"], encoder, bb["fusion"], self.modalities)
+        # the backbone is a view on modules registered right here, so checkpoint keys stay ``encoder.*`` (and
+        # ``fusion.*`` for stacks): what encoder_loading and earlier checkpoints expect
+        self.__dict__["backbone"] = backbone
+        self.encoder = backbone.encoder
+        if backbone.fusion is not None:
+            self.fusion = backbone.fusion
         if self.channels_last:
-            to_channels_last(self.encoder)
+            to_channels_last(backbone)
+        feature_dim = backbone.feature_dim
+
+        obj = self.cfg["objective"]
+        self.objective = str(obj["name"])
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"model.objective.name={self.objective!r} is unknown; choose one of {list(OBJECTIVES)}"
+            )
+        self.part_slices: dict[str, slice | None] = {"all": None}
+        if self.objective == "hybrid":
+            shared = round(float(obj["shared_fraction"]) * feature_dim)
+            if not 1 <= shared <= feature_dim - 1:
+                raise ConfigError(
+                    f"model.objective.shared_fraction={obj['shared_fraction']} gives {shared} of {feature_dim} "
+                    "feature dims to the shared part; both parts need at least one: pick a value in (0, 1)"
+                )
+            self.part_slices = {"shared": slice(0, shared), "specific": slice(shared, feature_dim)}
+
+        weight = float(self.cfg["phase_head"]["weight"])
+        if weight < 0:
+            raise ConfigError(
+                f"model.phase_head.weight={weight}: must be >= 0 (0 turns the phase-ID head off)"
+            )
+        self.phase_weight = weight
+        self.phase_head: nn.Linear | None = None
+        if weight > 0:
+            if backbone.kind == "stack":
+                raise ConfigError(
+                    "model.phase_head.weight > 0 needs one phase per view, but model.backbone.kind=stack sees all "
+                    "phases at once; set model.phase_head.weight=0"
+                )
+            if len(self.modalities) < 2:
+                raise ConfigError(
+                    f"model.phase_head needs a data set with two or more modalities, this one has {self.modalities}"
+                )
+            self.phase_head = nn.Linear(feature_dim, len(self.modalities))
         self.probe = (
-            nn.Linear(self.encoder.feature_dim, self.num_classes)
+            nn.Linear(feature_dim, self.num_classes)
             if self.probe_cfg["enabled"] and self.num_classes
             else None
         )
-        self.z_std = L2NormalizedStd(self.z_dim)
+
+        if self.collapse_kind not in COLLAPSE_KINDS:
+            raise ConfigError(
+                f"{type(self).__name__}.collapse_kind={self.collapse_kind!r}: one of {COLLAPSE_KINDS}"
+            )
+        self._heads: dict[str, dict[str, nn.Module]] = {}
+        for part, sl in self.part_slices.items():
+            dim = feature_dim if sl is None else sl.stop - sl.start
+            heads = dict(self.build_heads(dim, part))
+            self._heads[part] = heads
+            if part == "all":  # top-level names, as earlier checkpoints have them (projector.*, predictor.*)
+                for name, module in heads.items():
+                    self.add_module(name, module)
+            else:
+                self.add_module(f"{part}_heads", nn.ModuleDict(heads))
+        self.collapse_metrics = nn.ModuleDict(
+            {
+                part: (L2NormalizedStd if self.collapse_kind == "l2" else RawStd)(self.z_dim)
+                for part in self.part_slices
+            }
+        )
+        self.step_logs: dict[str, torch.Tensor] = {}
         self._val: dict[int, dict[str, list[torch.Tensor]]] = {}
         self.encoder_path: Path | None = None
-        self.save_hyperparameters(ignore=["encoder"])
+        hparams = dict(self.cfg)
+        hparams["backbone"] = {
+            "kind": backbone.kind,
+            "fusion": None if backbone.fusion is None else fusion_config(backbone.fusion),
+        }
+        config_of = getattr(self.encoder, "config", None)
+        hparams["encoder_config"] = config_of() if callable(config_of) else None
+        hparams["data_spec"] = self.data_spec
+        self.save_hyperparameters(to_plain(plain(hparams)))
+
+    def _checked_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        schema = dict(BASE_SCHEMA)
+        for klass in reversed(
+            type(self).__mro__
+        ):  # every class's own sections (a momentum base adds ``ema``)
+            schema.update(klass.__dict__.get("SCHEMA", {}))
+        name = type(self).__name__
+        unknown = sorted(set(config) - set(schema))
+        if unknown:
+            raise ConfigError(f"model: unknown key(s) {unknown} for {name}; known keys: {sorted(schema)}")
+        missing = sorted(set(schema) - set(config))
+        if missing:
+            raise ConfigError(
+                f"model: {name} is missing {missing}; the defaults live in conf/model/<method>.yaml (compose it, "
+                "or build the arguments with liverfusion.modules.ssl_base.ssl_config)"
+            )
+        out: dict[str, Any] = {}
+        for key, spec in schema.items():
+            value = config[key]
+            if spec is None:
+                out[key] = to_plain(value)
+            elif key == "backbone":  # its fusion is a Hydra partial: kept as given
+                section = check_section(key, value, *spec)
+                out[key] = {"kind": section["kind"], "fusion": section["fusion"]}
+            else:
+                out[key] = to_plain(check_section(key, to_plain(value), *spec))
+        return out
 
     # ---- what a method implements ----
     @abc.abstractmethod
-    def ssl_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (loss, projector outputs z of both views for the collapse metric, pooled features of view 1
-        for the probe)."""
+    def build_heads(self, in_dim: int, part: str) -> dict[str, nn.Module]:
+        """The heads of one embedding part ({"projector": ..., "predictor": ...}), reading ``in_dim`` features;
+        called once per part ("all", or "shared" and "specific" for the hybrid objective)."""
+
+    @abc.abstractmethod
+    def view_outputs(self, part: str, f: torch.Tensor, view: int) -> dict[str, torch.Tensor]:
+        """What the loss needs of one view's features ``f`` (N, in_dim) of ``part``, e.g. {"z": ..., "p": ...};
+        ``"z"`` feeds the collapse metric (override :meth:`collapse_embedding` otherwise)."""
+
+    @abc.abstractmethod
+    def pair_loss(self, part: str, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The method's symmetric loss on one positive pair of views (outputs of :meth:`view_outputs`)."""
 
     @property
     @abc.abstractmethod
     def z_dim(self) -> int:
-        """Width of the projector output z (the collapse metric's d)."""
+        """Width of the embedding the collapse metric reads (the metric's d)."""
+
+    def collapse_embedding(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return out["z"]
+
+    def collapse_scale(self) -> float:
+        """The std of a healthy embedding: 1/sqrt(d) for l2-normalised z; raw embeddings must override."""
+        if self.collapse_kind == "l2":
+            return 1.0 / math.sqrt(self.z_dim)
+        raise NotImplementedError(
+            f"{type(self).__name__} has collapse_kind=raw and must define collapse_scale()"
+        )
+
+    def fixed_lr_heads(self) -> set[str]:
+        """Names of heads whose lr stays at the initial value (SimSiam's predictor)."""
+        return set()
+
+    def prepare_targets(self, views: list[torch.Tensor], present: torch.Tensor | None) -> None:
+        """Called once per step after the views are encoded (the momentum base runs its teacher here)."""
+
+    def heads(self, part: str) -> dict[str, nn.Module]:
+        """The heads :meth:`build_heads` made for ``part``."""
+        return self._heads[part]
 
     def method_parameter_groups(self) -> list[dict[str, Any]]:
-        """Extra groups beyond the encoder (heads), each with a ``name``; ``fixed_lr`` groups skip the schedule."""
-        return []
+        """One group per head name (all parts together), each with a ``name``; ``fixed_lr`` groups skip the
+        schedule. The fusion block of a stack backbone and the phase head train like the encoder."""
+        groups: list[dict[str, Any]] = []
+        if self.backbone.fusion is not None:
+            groups.append({"name": "fusion", "params": list(self.backbone.fusion.parameters())})
+        names = list(dict.fromkeys(n for heads in self._heads.values() for n in heads))
+        fixed = self.fixed_lr_heads()
+        for name in names:
+            params = [p for heads in self._heads.values() if name in heads for p in heads[name].parameters()]
+            groups.append({"name": name, "params": params, **({"fixed_lr": True} if name in fixed else {})})
+        if self.phase_head is not None:
+            groups.append({"name": "phase_head", "params": list(self.phase_head.parameters())})
+        return groups
 
     # ---- helpers ----
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last and x.ndim == 5 else x
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled encoder features of a batch of single-modality volumes (N, 1, D, H, W)."""
-        return self.encoder(self.prepare_input(x)).pooled
+    def encode(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled backbone features (N, F) of one view: (N, 1, D, H, W) phases or (N, M, D, H, W) stacks."""
+        return self.backbone.encode(self.prepare_input(x), present)
+
+    def objective_pairs(self, num_views: int) -> dict[str, list[tuple[int, int]]]:
+        """Per embedding part, the pairs of views its loss is computed on."""
+        if self.objective == "hybrid":
+            return {"shared": [(0, 1)], "specific": [(0, 2)]}
+        return {"all": list(itertools.combinations(range(num_views), 2))}
+
+    def check_view_plan(self, plan: Mapping[str, Any]) -> None:
+        """Refuse a data module whose views this module cannot use (``dm.view_plan``), before training."""
+        policy, kind, views = plan.get("policy"), plan.get("kind"), int(plan.get("views", 2))
+        mine = self.backbone.kind
+        if kind is not None and kind != mine:
+            fix = (
+                "use model.backbone.kind=stack (+experiment=stack_pretrain), or another data.pairs.policy"
+                if kind == "stack"
+                else "set data.pairs.policy=stack, or model.backbone.kind=modality"
+            )
+            raise ConfigError(
+                f"data.pairs.policy={policy!r} gives {kind} views but model.backbone.kind={mine!r} reads "
+                f"{'one phase' if mine == 'modality' else 'whole stacks'} per view; {fix}"
+            )
+        if self.objective == "hybrid" and (policy != "hybrid" or views != 3):
+            raise ConfigError(
+                f"model.objective.name=hybrid needs the 3 views of data.pairs.policy=hybrid (anchor, another phase, "
+                f"the anchor again), but data.pairs.policy={policy!r} gives {views}; set data.pairs.policy=hybrid "
+                "(+experiment=hybrid_pretrain) or model.objective.name=pair"
+            )
+        if views < 2:
+            raise ConfigError(f"data.pairs.policy={policy!r} gives {views} view(s); an SSL method needs >= 2")
+
+    def checked_views(self, batch: Mapping[str, Any]) -> list[torch.Tensor]:
+        """``batch["views"]``, refused (ConfigError) when this module cannot use that layout."""
+        views = batch.get("views") if isinstance(batch, Mapping) else None
+        if not isinstance(views, list | tuple) or len(views) < 2:
+            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ConfigError(
+                f"an SSL batch needs batch['views'], a list of >= 2 views (liverfusion.data.mda); got {keys}"
+            )
+        if self.objective == "hybrid" and len(views) != 3:
+            raise ConfigError(
+                f"model.objective.name=hybrid needs the 3 views of data.pairs.policy=hybrid, got {len(views)} views"
+            )
+        channels = sorted({int(v.shape[1]) if v.ndim == 5 else -1 for v in views})
+        want = 1 if self.backbone.kind == "modality" else len(self.modalities)
+        if channels != [want]:
+            if self.backbone.kind == "modality":
+                msg = (
+                    f"model.backbone.kind=modality reads one phase per view (C=1), got views (N, C, D, H, W) with C "
+                    f"in {channels}: data.pairs.policy=stack gives whole stacks; use model.backbone.kind=stack "
+                    "(+experiment=stack_pretrain) or a pair policy (cross, same, mixed, hybrid)"
+                )
+            else:
+                msg = (
+                    f"model.backbone.kind=stack reads whole stacks (C={want} modalities), got views with C in "
+                    f"{channels}: set data.pairs.policy=stack"
+                )
+            raise ConfigError(msg)
+        return list(views)
 
     # ---- training ----
+    def ssl_step(self, batch: dict) -> SSLStepOutput:
+        """Encode every view (one pass per view: BatchNorm statistics are per view, as in the papers), then the
+        method's loss on the objective's pairs (their mean), plus the phase-ID loss when on."""
+        self.step_logs = {}
+        views = self.checked_views(batch)
+        present = batch.get("present")
+        feats = [self.encode(v, present) for v in views]
+        self.prepare_targets(views, present)
+        losses: list[torch.Tensor] = []
+        z: dict[str, torch.Tensor] = {}
+        for part, pairs in self.objective_pairs(len(views)).items():
+            sl = self.part_slices[part]
+            needed = sorted({i for pair in pairs for i in pair})
+            outs = {
+                i: self.view_outputs(part, feats[i] if sl is None else feats[i][:, sl], i) for i in needed
+            }
+            losses += [self.pair_loss(part, outs[a], outs[b]) for a, b in pairs]
+            z[part] = torch.cat([self.collapse_embedding(outs[i]) for i in needed])
+            if len(self.part_slices) > 1:
+                self.step_logs[f"train/loss_{part}"] = sum(losses[-len(pairs) :]).detach() / len(pairs)
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        if self.phase_head is not None:
+            loss = loss + self.phase_weight * self._phase_loss(feats, batch)
+        return SSLStepOutput(loss, z, feats[0])
+
+    def _phase_loss(self, feats: list[torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:
+        mods = batch.get("view_modalities")
+        if not isinstance(mods, list | tuple) or len(mods) != len(feats):
+            raise ConfigError(
+                "model.phase_head needs batch['view_modalities'], one (N,) tensor per view (liverfusion.data.mda)"
+            )
+        target = torch.cat([torch.as_tensor(m, device=feats[0].device).long().reshape(-1) for m in mods])
+        if bool((target < 0).any()) or bool((target >= len(self.modalities)).any()):
+            raise ConfigError(
+                f"model.phase_head: view_modalities must be 0..{len(self.modalities) - 1} (one phase per view), "
+                f"got {sorted(set(target.tolist()))}; stack views have no single phase: set model.phase_head.weight=0"
+            )
+        logits = self.phase_head(torch.cat(feats))
+        ce = F.cross_entropy(logits, target)
+        self.step_logs["train/phase_loss"] = ce.detach()
+        self.step_logs["monitor/phase_acc"] = (logits.argmax(1) == target).float().mean().detach()
+        return ce
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, z, feats = self.ssl_step(batch)
         if not torch.isfinite(loss):
@@ -141,11 +497,14 @@ class SSLModule(L.LightningModule, abc.ABC):
                 f"{self.global_step}, batch {batch_idx}; cases {cases[:8]}{' ...' if len(cases) > 8 else ''}: "
                 "lower optimizer.base_lr, add warm-up, or check these inputs"
             )
-        self.z_std.update(z)
-        n = batch["view1"].shape[0]
+        for part, emb in z.items():
+            self.collapse_metrics[part].update(emb)
+        n = batch["views"][0].shape[0]
         # no sync_dist on a progress-bar metric: rank 0's progress bar would start that all_reduce alone at epoch
         # end while the other ranks are in the collapse metric's all_gather (a deadlock under DDP)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        for key, value in self.step_logs.items():
+            self.log(key, value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         if self._trainer is not None and self.trainer.optimizers:
             self.log(
                 "train/lr",
@@ -174,50 +533,84 @@ class SSLModule(L.LightningModule, abc.ABC):
         self.log("monitor/probe_train_acc", acc, on_step=False, on_epoch=True, batch_size=k, sync_dist=True)
         return probe_loss
 
+    def collapse_from_std(self, z_std: float) -> float:
+        """0 for a healthy embedding, 1 for a constant one (see :meth:`collapse_scale`)."""
+        if self.collapse_kind == "l2":
+            return float(collapse_level(z_std, self.z_dim))
+        return 1.0 - z_std / self.collapse_scale()
+
     def on_train_epoch_end(self) -> None:
-        if float(self.z_std.count) == 0 and self.trainer.world_size == 1:
+        worst: tuple[float, float, str] | None = None  # (collapse, z_std, part)
+        for part, metric in self.collapse_metrics.items():  # same order on every rank (all_gather inside)
+            if float(metric.count) == 0 and self.trainer.world_size == 1:
+                continue
+            z_std = float(metric.compute())  # all z of the epoch, all processes
+            metric.reset()
+            level = self.collapse_from_std(z_std)
+            if len(self.collapse_metrics) > 1:
+                self.log(f"train/z_std_{part}", z_std, sync_dist=False)
+                self.log(f"train/collapse_{part}", level, sync_dist=False)
+            if worst is None or level > worst[0]:
+                worst = (level, z_std, part)
+        if worst is None:
             return
-        z_std = float(self.z_std.compute())  # all z of the epoch, all processes
-        self.z_std.reset()
-        d = self.z_dim
+        level, z_std, part = worst
         self.log("train/z_std", z_std, sync_dist=False)
-        self.log("train/collapse", float(collapse_level(z_std, d)), sync_dist=False)
-        threshold = float(self.collapse_cfg["alarm_fraction"]) / math.sqrt(d)
+        self.log("train/collapse", level, sync_dist=False)
+        fraction = float(self.collapse_cfg["alarm_fraction"])
+        d = self.z_dim
+        if self.collapse_kind == "l2":
+            threshold = fraction / math.sqrt(d)
+            rule = f"{self.collapse_cfg['alarm_fraction']} / sqrt({d})"
+        else:
+            threshold = fraction * self.collapse_scale()
+            rule = f"{self.collapse_cfg['alarm_fraction']} x {self.collapse_scale():g}"
         if z_std < threshold:
+            where = "" if part == "all" else f" ({part} part)"
             rank_zero_warn(
-                f"collapse alarm at epoch {self.current_epoch}: z_std {z_std:.4f} < "
-                f"{self.collapse_cfg['alarm_fraction']} / sqrt({d}) = {threshold:.4f}"
+                f"collapse alarm at epoch {self.current_epoch}{where}: z_std {z_std:.4f} < {rule} = {threshold:.4f}"
                 + ("; stopping (model.collapse.stop=true)" if self.collapse_cfg["stop"] else "")
             )
             if self.collapse_cfg["stop"]:
                 self.trainer.should_stop = True
 
+    def setup(self, stage: str) -> None:
+        """Check the data module's ``view_plan`` (when it has one) before the first batch."""
+        if stage != "fit" or self._trainer is None:
+            return
+        plan = getattr(getattr(self.trainer, "datamodule", None), "view_plan", None)
+        if isinstance(plan, Mapping):
+            self.check_view_plan(plan)
+
     # ---- monitors over frozen features: kNN (bank = labelled train cases, queries = val cases) + probe ----
     @torch.no_grad()
-    def modality_features(self, image: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """(N, M, F) pooled features of every modality of each case; missing modalities are zeros."""
-        n, m = image.shape[:2]
-        pooled = self.encode(image.reshape(n * m, 1, *image.shape[2:])).reshape(n, m, -1)
-        return pooled * present.unsqueeze(-1).to(pooled.dtype)
+    def monitor_features(
+        self, image: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, S, F) features of whole cases and their (N, S) mask: every modality on its own for the modality
+        backbone (missing ones zero), one fused slot for a stack backbone."""
+        return self.backbone.monitor_features(image, present, self.prepare_input)
 
     @torch.no_grad()
     def case_features(self, image: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Features of all modalities of each case, each l2-normalised, concatenated (N, M * F): the kNN input
-        (see :func:`liverfusion.modules.knn.case_features`)."""
-        return F.normalize(self.modality_features(image, present), dim=-1).flatten(1)
+        """The kNN input: each slot's features l2-normalised, concatenated (N, S * F) (for the modality backbone as
+        :func:`liverfusion.modules.knn.case_features`)."""
+        return F.normalize(self.monitor_features(image, present)[0], dim=-1).flatten(1)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not (self.knn_cfg["enabled"] or self.probe is not None):
             return
-        per_modality = self.modality_features(batch["image"], batch["present"])
+        per_slot, mask = self.monitor_features(batch["image"], batch["present"])
         store = self._val.setdefault(dataloader_idx, {"feats": [], "labels": [], "index": [], "probe": []})
-        store["feats"].append(F.normalize(per_modality, dim=-1).flatten(1).float())
+        store["feats"].append(F.normalize(per_slot, dim=-1).flatten(1).float())
         store["labels"].append(torch.as_tensor(batch["label"], device=self.device))
         store["index"].append(torch.as_tensor(batch["index"], device=self.device))
         if self.probe is not None and dataloader_idx == QUERY:
-            present = batch["present"].to(per_modality.dtype)
-            logits = self.probe(per_modality) * present.unsqueeze(-1)  # mean over the modalities a case has
-            store["probe"].append(logits.sum(1) / present.sum(1, keepdim=True).clamp_min(1))
+            weights = mask.to(per_slot.dtype)
+            logits = self.probe(per_slot) * weights.unsqueeze(
+                -1
+            )  # mean over the slots (modalities) a case has
+            store["probe"].append(logits.sum(1) / weights.sum(1, keepdim=True).clamp_min(1))
 
     def gather_unique(self, tensors: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
         """All processes' rows, each dataset item once.
@@ -244,7 +637,7 @@ class SSLModule(L.LightningModule, abc.ABC):
 
     def _collected(self, idx: int, with_probe: bool = False) -> list[torch.Tensor]:
         store = self._val.get(idx) or {}
-        width = self.encoder.feature_dim * max(1, len(self.modalities))
+        width = self.backbone.monitor_width(len(self.modalities))
         feats = torch.cat(store["feats"]) if store.get("feats") else torch.zeros(0, width, device=self.device)
         labels = (
             torch.cat(store["labels"])
@@ -356,6 +749,7 @@ class SSLModule(L.LightningModule, abc.ABC):
             "dataset": self.data_spec.get("dataset"),
             "layout": self.data_spec.get("layout"),
             "method": type(self).__name__,
+            **self.backbone.export(),  # stack runs: fusion_state_dict + fusion_config (the block without its head)
             "hparams": to_plain({k: v for k, v in self.hparams.items() if k != "data_spec"}),
             "seed": self.run_seed(),
             "epochs": int(self.current_epoch),
@@ -392,7 +786,11 @@ class SSLModule(L.LightningModule, abc.ABC):
             if isinstance(lg, WandbLogger):
                 import wandb
 
-                meta = {k: v for k, v in self.encoder_payload().items() if k != "state_dict"}
+                meta = {
+                    k: v
+                    for k, v in self.encoder_payload().items()
+                    if k not in ("state_dict", "fusion_state_dict")
+                }
                 art = wandb.Artifact(f"encoder-{lg.experiment.id}", type="model", metadata=meta)
                 art.add_file(str(path))
                 lg.experiment.log_artifact(art)
