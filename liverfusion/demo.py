@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from liverfusion.utils.cli import cli_errors
+
 STEP_NAMES = ("check", "pretrain", "finetune", "evaluate", "report")
 # simsiam_pretrain is the CPU-sized preset (the GPU-sized one is simsiam_pretrain_gpu): the paper's method as a
 # user starts it, sized to the demo's budget of 4 minutes on 2 cores
@@ -85,6 +87,7 @@ def run_step(name: str, args: list[str]) -> float:
     return time.perf_counter() - start
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

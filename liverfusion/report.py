@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from liverfusion.errors import DataError, LiverfusionError
+from liverfusion.errors import DataError
 from liverfusion.evaluate import (
     PredictionSet,
     compare_predictions,
@@ -43,6 +43,7 @@ from liverfusion.evaluate import (
     write_json,
 )
 from liverfusion.utils.atomic import atomic_write_text
+from liverfusion.utils.cli import cli_errors
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,6 @@ def make_report(
 ) -> dict[str, Any]:
     """Aggregate the runs under ``dirs`` into ``out_dir``; return the summary rows and comparisons."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if names is not None and len(names) != len(dirs):
         raise DataError(f"{len(names)} names for {len(dirs)} folders")
     arms: list[Arm] = []
@@ -313,6 +313,7 @@ def make_report(
             raise DataError("no run with test metrics (test/summary.json) found", path=d)
         label = names[i] if names else (Path(d).name if len(dirs) > 1 else "")
         arms.extend(group_runs(runs, label))
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to report
     class_names = arms[0].runs[0].summary.get("class_names") or []
     metrics = [m for m in HEADLINE if any(m in r.metrics for a in arms for r in a.runs)]
     if metric not in metrics:
@@ -597,7 +598,9 @@ def format_console(
     return buf.getvalue()
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; a problem ends it with one line and exit status 2 (``liverfusion.utils.cli``)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -613,23 +616,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wandb", choices=["off", "offline", "online"], default="off")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for d in args.dirs:  # before anything is written (the default output folder lies inside the first DIR)
+        if not Path(d).is_dir():
+            raise DataError("no such folder: pass a multirun or run folder", path=d)
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
-    try:
-        res = make_report(
-            args.dirs,
-            out,
-            names=args.names,
-            metric=args.metric,
-            n_boot=args.n_boot,
-            seed=args.seed,
-            embedding=args.embedding,
-            plots=not args.no_plots,
-            card_template=args.card_template,
-            wandb_mode=args.wandb,
-        )
-    except LiverfusionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    res = make_report(
+        args.dirs,
+        out,
+        names=args.names,
+        metric=args.metric,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        embedding=args.embedding,
+        plots=not args.no_plots,
+        card_template=args.card_template,
+        wandb_mode=args.wandb,
+    )
     print(format_console(res["summary"]))
     print(f"report: {out / 'results.md'}")
     return 0

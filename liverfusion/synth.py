@@ -3,13 +3,13 @@
     python -m liverfusion.synth out=data/phantom n_cases=700 seed=7 workers=2 shape=[16,64,64]
     python -m liverfusion.synth out=data/phantom spec=path/to/my_phantom.yaml probe=true
 
-Errors a user can fix (foreign output folder, bad spec) end the run with exit status 2 and one line on stderr.
+Errors a user can fix (foreign output folder, bad spec, a folder that cannot be written) end the run with exit status
+2 and one line on stderr (``liverfusion.utils.cli``).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import hydra
@@ -22,7 +22,9 @@ from liverfusion.data.phantom import (
     summary_text,
     validate_spec,
 )
-from liverfusion.errors import ConfigError, LiverfusionError
+from liverfusion.errors import ConfigError
+from liverfusion.utils.cli import cli_errors, hydra_cli
+from liverfusion.utils.hydra_utils import CONFIG_DIR
 
 
 def synthesize(cfg: DictConfig) -> dict:
@@ -50,13 +52,11 @@ def synthesize(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path="conf", config_name="synth", version_base="1.3")
+@hydra_cli
+@hydra.main(config_path=CONFIG_DIR, config_name="synth", version_base="1.3")
+@cli_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        synthesize(cfg)
-    except LiverfusionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    synthesize(cfg)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from liverfusion.errors import ConfigError, LiverfusionError
 from liverfusion.utils.atomic import atomic_write_text
-from liverfusion.utils.cli import cli_errors
+from liverfusion.utils.cli import cli_errors, hydra_cli
 from liverfusion.utils.hydra_utils import (
+    CONFIG_DIR,
     apply_extras,
     close_loggers,
     instantiate_group,
@@ -216,7 +217,7 @@ def _has_best(trainer: L.Trainer) -> bool:
     return bool(cb is not None and getattr(cb, "best_model_path", ""))
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @cli_errors
 def _hydra_main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
@@ -230,10 +231,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return None
 
 
-@cli_errors
 def main() -> float | None:
-    """Console script / ``python -m``: Hydra's own failures (a run folder that cannot be created) get one line too."""
-    return _hydra_main()
+    """Console script / ``python -m``: Hydra's own failures (a run folder that cannot be created, an unknown key on
+    the command line) get one line and exit status 2 too (``hydra_cli``)."""
+    return hydra_cli(_hydra_main)()
 
 
 if __name__ == "__main__":

@@ -157,4 +157,6 @@ def test_cli_several_dirs_as_arms(multirun, tmp_path, capsys):
     )
     assert code == 0
     assert "pre" in capsys.readouterr().out
-    assert main([str(tmp_path / "nothing-here")]) == 1
+    with pytest.raises(SystemExit) as refused:  # a user's problem: one line, exit status 2, nothing created
+        main([str(tmp_path / "nothing-here")])
+    assert refused.value.code == 2 and not (tmp_path / "nothing-here").exists()

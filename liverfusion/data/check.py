@@ -2,8 +2,10 @@
 
 Scans the layout, decodes and caches every volume once (the cache lives outside the data folder), builds the
 patient-level split, and prints one table. A fatal problem (missing/unreadable/NaN/constant file, unknown label,
-duplicate case, a patient in two splits) prints the file and the reason and exits with status 1. Modalities of one
-case that disagree in stored orientation, grid or field of view are warned about by case, modality and file.
+duplicate case, a patient in two splits, a config value out of range) prints one line ``error: <file or key>:
+<problem>; <fix>`` and exits with status 2 (``liverfusion.utils.cli``). Modalities of one case that disagree in stored
+orientation, grid or field of view are warned about by case, modality and file; ``strict=true`` makes warnings exit
+with status 1.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from rich.table import Table
 
 from liverfusion.data.cache import clear_cache
 from liverfusion.data.datamodule import MultiModalDataModule
-from liverfusion.errors import LiverfusionError
-from liverfusion.utils import hydra_utils  # noqa: F401  (registers resolvers)
+from liverfusion.utils.cli import cli_errors, hydra_cli
+from liverfusion.utils.hydra_utils import CONFIG_DIR  # (importing it registers the resolvers)
 
+WARNINGS_FAIL = 1
+"""Exit status of ``strict=true`` when something was warned about (errors exit with 2, as in every entry point)."""
 _WORLD_AXIS = {"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}
 
 
@@ -185,23 +189,21 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print("[green]no problems found[/green]")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="check")
+@hydra_cli
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="check")
+@cli_errors
 def main(cfg: DictConfig) -> None:
     console = Console(width=max(Console().width, 140))
     with open_dict(cfg):
         cfg.data.split.save_to = None
-    try:
-        dm = instantiate(cfg.data)
-        if cfg.clear_cache:
-            n = clear_cache(dm.cache_dir, dm.layout.name)
-            console.print(f"cleared {n} cached file(s) of {dm.layout.name!r} under {dm.cache_dir}")
-        report = inspect(dm)
-    except LiverfusionError as err:
-        console.print(f"[bold red]error:[/bold red] {err}")
-        sys.exit(1)
+    dm = instantiate(cfg.data)
+    if cfg.clear_cache:
+        n = clear_cache(dm.cache_dir, dm.layout.name)
+        console.print(f"cleared {n} cached file(s) of {dm.layout.name!r} under {dm.cache_dir}")
+    report = inspect(dm)
     render(report, console)
     if cfg.strict and report["problems"]:
-        sys.exit(2)
+        sys.exit(WARNINGS_FAIL)
 
 
 if __name__ == "__main__":

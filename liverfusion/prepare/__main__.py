@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from liverfusion.prepare.app import run_prepare
-from liverfusion.utils.cli import cli_errors
+from liverfusion.utils.cli import cli_errors, hydra_cli
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -26,6 +26,7 @@ def _prepare(cfg: DictConfig) -> int:
     return run_prepare(cfg).exit_code
 
 
+@hydra_cli
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
 def main(cfg: DictConfig) -> None:
     code = _prepare(cfg)

@@ -24,8 +24,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-from liverfusion.errors import ConfigError, LiverfusionError
+from liverfusion.errors import ConfigError
 from liverfusion.utils.atomic import atomic_path
+from liverfusion.utils.cli import cli_errors, hydra_cli
+from liverfusion.utils.hydra_utils import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -182,20 +184,17 @@ def make_grid(cfg: DictConfig) -> Path:
     return save_pairs_png(items, dm.modalities, cfg.out, title, int(cfg.per_row))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="viz_pairs")
+@hydra_cli
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="viz_pairs")
+@cli_errors
 def main(cfg: DictConfig) -> None:
-    import sys
-
+    """Errors end with one line and exit status 2 (``liverfusion.utils.cli``)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    try:
-        path = make_grid(cfg)
-    except LiverfusionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    path = make_grid(cfg)
     print(f"pairs written to {path}")
 
 

@@ -99,7 +99,7 @@ class Layout(abc.ABC):
             raise ConfigError(f"on_missing_modality must be error, mask or skip, not {on_missing_modality!r}")
         self.on_missing_modality = on_missing_modality
         self.detect_duplicates = detect_duplicates
-        self.duplicate_source = list(duplicate_source)
+        self.duplicate_source = list(duplicate_source or [])
         self.clinical = clinical
         self.skipped: list[tuple[str, str]] = []
 
