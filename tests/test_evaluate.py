@@ -317,3 +317,56 @@ def test_evaluate_refuses_an_encoder_file(tmp_path):
     )
     assert out.returncode == 2  # a problem the user can fix (liverfusion.utils.cli)
     assert "not a liverfusion classifier checkpoint" in out.stderr and "Traceback" not in out.stderr
+
+
+ENTRY_POINTS = {
+    "liverfusion.evaluate",
+    "liverfusion.predict",
+    "liverfusion.train",
+    "liverfusion.report",
+    "liverfusion.demo",
+    "liverfusion.resume",
+    "liverfusion.synth",
+    "liverfusion.export",
+}
+
+
+def _imports(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    return names
+
+
+def test_library_packages_import_no_entry_point():
+    """modules/ (the classifier's test step) and evaluation/ use the evaluation library, never a CLI module."""
+    from pathlib import Path
+
+    import liverfusion
+
+    root = Path(liverfusion.__file__).parent
+    files = sorted((root / "modules").glob("*.py")) + sorted((root / "evaluation").glob("*.py"))
+    assert any(f.parent.name == "evaluation" for f in files)
+    for f in files:
+        bad = _imports(f) & ENTRY_POINTS
+        assert not bad, f"{f} imports {bad}"
+    assert "liverfusion.evaluation" in _imports(root / "modules" / "classifier.py")
+
+
+def test_evaluate_reexports_the_library():
+    """Code that imports from liverfusion.evaluate gets the library's own objects."""
+    import liverfusion.evaluate as cli
+    import liverfusion.evaluation as lib
+
+    shared = [n for n in cli.__all__ if n not in ("evaluate", "main", "_best_in_run")]
+    assert set(shared) <= set(lib.__all__)
+    for name in shared:
+        assert getattr(cli, name) is getattr(lib, name), name
+    assert cli._best_in_run is lib.best_in_run
