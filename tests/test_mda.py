@@ -153,16 +153,8 @@ def test_only_real_modalities_are_drawn(tiny, cache):
     index = {e.case_id: i for i, e in enumerate(ds.base.entries)}
     dwi, ca = PHASES.index("DWI"), PHASES.index("C+A")
     torch.manual_seed(0)
-    drawn_missing = {
-        m
-        for _ in range(200)
-        for m in ds[index[MISSING_DWI]]["view_modalities"].tolist()
-    }
-    drawn_copy = {
-        m
-        for _ in range(200)
-        for m in ds[index[FILLER_COPY]]["view_modalities"].tolist()
-    }
+    drawn_missing = {m for _ in range(200) for m in ds[index[MISSING_DWI]]["view_modalities"].tolist()}
+    drawn_copy = {m for _ in range(200) for m in ds[index[FILLER_COPY]]["view_modalities"].tolist()}
     assert dwi not in drawn_missing and drawn_missing == {0, 2}
     assert ca not in drawn_copy and drawn_copy == {0, 1}  # the filler copy of T2WI counts as missing
 
@@ -494,7 +486,10 @@ def test_stack_views_share_spatial_draw_and_draw_intensity_per_phase(tiny, cache
     torch.manual_seed(1)
     item = ds[i]
     v1, v2 = item["views"]
-    assert v1.shape == v2.shape == (len(PHASES), *SHAPE) and item["view_modalities"].tolist() == [STACK, STACK]
+    assert v1.shape == v2.shape == (len(PHASES), *SHAPE) and item["view_modalities"].tolist() == [
+        STACK,
+        STACK,
+    ]
     assert not torch.equal(v1, v2)  # two independent draws
     assert torch.count_nonzero(v1[PHASES.index("DWI")]) == 0  # an absent phase stays zero
     assert SINGLE in {e.case_id for e in ds.base.entries}  # a stack needs one real phase, not two
@@ -521,7 +516,10 @@ def test_stack_spatial_part_is_one_draw_for_all_phases(tiny, cache):
 
 def test_batched_stack_augment_keeps_absent_phases_zero(tiny, cache):
     dm = make_dm(
-        tiny_layout(tiny), cache, pairs={"policy": "stack"}, batch_augment=[BatchRandIntensity(shift_prob=1.0)]
+        tiny_layout(tiny),
+        cache,
+        pairs={"policy": "stack"},
+        batch_augment=[BatchRandIntensity(shift_prob=1.0)],
     )
     seen_absent = 0
     for batch in dm.train_dataloader():
@@ -538,5 +536,7 @@ def test_phase_aware_policies_refuse_one_modality_data_and_unknown_policies():
         PairSampler(["T2WI"], policy="stack")
     with pytest.raises(ConfigError, match=r"policy='hybrid' needs"):
         PairSampler(["T2WI"], policy="hybrid")
-    with pytest.raises(ConfigError, match=r"unknown policy 'stak'.*'cross', 'same', 'mixed', 'hybrid', 'stack'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown policy 'stak'.*'cross', 'same', 'mixed', 'hybrid', 'stack'"
+    ):
         PairSampler(["a", "b"], policy="stak")

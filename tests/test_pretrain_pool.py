@@ -66,4 +66,6 @@ def test_pretraining_on_the_pool_alone_sees_no_labelled_patient(tmp_path, pair):
     seen = {e.patient_id for e in dm.pair_dataset().base.entries}
     assert seen == set(dm.partition["unlabelled"])
     labelled = {e.patient_id for e in dm.entries.values() if e.label is not None}
-    assert labelled and not seen & labelled  # no fold's train, val or test patient: one encoder serves every fold
+    assert (
+        labelled and not seen & labelled
+    )  # no fold's train, val or test patient: one encoder serves every fold

@@ -96,7 +96,9 @@ class PairSampler:
     def num_views(self) -> int:
         return 3 if self.policy == "hybrid" else 2
 
-    def draw_views(self, present: Sequence[bool], generator: torch.Generator | None = None) -> tuple[int, ...]:
+    def draw_views(
+        self, present: Sequence[bool], generator: torch.Generator | None = None
+    ) -> tuple[int, ...]:
         """The modality index of each view (:data:`STACK` for a stack view)."""
         if self.policy == "stack":
             return (STACK, STACK)
@@ -161,9 +163,7 @@ class ViewDataset(Dataset):
         self.base = base
         self.sampler = sampler
         self.transform = transform
-        self.spatial, self.intensity = (
-            split_spatial(transform) if sampler.policy == "stack" else (None, None)
-        )
+        self.spatial, self.intensity = split_spatial(transform) if sampler.policy == "stack" else (None, None)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -177,7 +177,10 @@ class ViewDataset(Dataset):
         v = _augmented(torch.from_numpy(np.asarray(x, dtype=np.float32)) * keep, self.spatial)
         if self.intensity is not None:  # each phase its own draw; absent phases stay zero
             v = torch.cat(
-                [_augmented(v[m : m + 1], self.intensity) if p else v[m : m + 1] for m, p in enumerate(present)]
+                [
+                    _augmented(v[m : m + 1], self.intensity) if p else v[m : m + 1]
+                    for m, p in enumerate(present)
+                ]
             )
         return v
 
@@ -345,11 +348,17 @@ class MDADataModule(MultiModalDataModule):
             batch["views"] = [self._batch_view(v, g, stack, batch["present"]) for v in batch["views"]]
         return batch
 
-    def _batch_view(self, v: torch.Tensor, g: torch.Generator, stack: bool, present: torch.Tensor) -> torch.Tensor:
+    def _batch_view(
+        self, v: torch.Tensor, g: torch.Generator, stack: bool, present: torch.Tensor
+    ) -> torch.Tensor:
         """A stack view: spatial transforms on the whole stack (shared by its phases), intensity ones per phase."""
         if not stack:
             return self.batch_augment(v, generator=g)
         n, m = v.shape[:2]
         for t in self.batch_augment.transforms:
-            v = t(v, generator=g) if _is_spatial(t) else t(v.reshape(n * m, 1, *v.shape[2:]), generator=g).view_as(v)
+            v = (
+                t(v, generator=g)
+                if _is_spatial(t)
+                else t(v.reshape(n * m, 1, *v.shape[2:]), generator=g).view_as(v)
+            )
         return v * present.view(n, m, 1, 1, 1).to(v.dtype)
