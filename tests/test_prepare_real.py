@@ -188,9 +188,9 @@ def test_chaos_liver_crops_subset(shared_data: Path, tmp_path: Path):
         crop = sitk.ReadImage(str(out / "subjects" / case["case"] / "mask.nii.gz"))
         assert (sitk.GetArrayViewFromImage(crop) == 1).sum() == (sitk.GetArrayViewFromImage(full) == 1).sum()
         img = sitk.ReadImage(str(out / "subjects" / case["case"] / "t2spir.nii.gz"))
-        assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection()) == "LPS"
+        assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection()) == "RAS"
         assert img.GetSize() == crop.GetSize() and img.GetSize()[0] < full.GetSize()[0]
-        assert "reoriented LAS -> LPS" in case["modalities"]["t2spir"]["steps"]
+        assert "reoriented LAS -> RAS" in case["modalities"]["t2spir"]["steps"]
     assert all(r["label"] == "" for r in read_labels(out / "labels.csv").values())
 
 
