@@ -162,3 +162,52 @@ def test_evaluate_fits_stores_and_applies_the_temperature(tiny_phantom, tmp_path
     b = read_predictions_csv(tmp_path / "ens" / "predictions.csv")
     assert (a.predictions == b.predictions).all()
     assert np.allclose(b.probs, a.with_temperature(stored["temperature"]).probs, atol=2e-5)
+
+
+def test_calibration_phantom_benchmark_on_a_tiny_setting(tiny_phantom, tmp_path):
+    """benchmarks/calibration_phantom.py end to end on the tiny phantom (the real run: 1000 cases, the demo model)."""
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import tiny_phantom_overrides
+
+    _train_tiny(tiny_phantom, tmp_path / "multi", "0")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import calibration_phantom
+    finally:
+        sys.path.pop(0)
+    data = [
+        o for o in tiny_phantom_overrides(tiny_phantom, tmp_path / "cache") if o.startswith(("paths", "data"))
+    ]
+    data = [o for o in data if not o.startswith(("data.preprocess", "data.batch_size"))]
+    args = [
+        "--model",
+        str(tmp_path / "multi" / "0"),
+        "--n-cases",
+        "14",
+        "--explain-cases",
+        "4",
+        "--n-boot",
+        "50",
+    ]
+    args += [
+        "--threads",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--results",
+        str(tmp_path / "res" / "cal.json"),
+    ]
+    assert calibration_phantom.main(args + [f"--override={o}" for o in data]) == 0
+    res = json.loads((tmp_path / "res" / "cal.json").read_text())
+    assert res["n_cases"] == 14 and res["seed"] == 90125 and res["macro_f1_unchanged"]
+    t = json.loads((tmp_path / "multi" / "0" / "calibration.json").read_text())["temperature"]
+    assert res["calibration"]["temperature"] == pytest.approx(t)
+    assert res["calibration"]["before"]["ece"] != res["calibration"]["after"]["ece"]
+    cam = res["gradcam"]
+    assert cam["cases"] == 4 and 0 <= cam["lesion_mass"] <= 1 and 0 <= cam["blob_mass"] <= 1
+    text = (tmp_path / "res" / "cal.md").read_text()
+    assert "ECE (15 bins)" in text and "centred blob" in text and "the centre prior" in text
+    cohort = tmp_path / "work" / "cohort_seed90125_n14"
+    assert len(list((cohort / "images").iterdir())) == 14 and (cohort / "masks").is_dir()

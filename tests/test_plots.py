@@ -12,6 +12,7 @@ import torch
 from liverfusion.errors import DataError
 from liverfusion.metrics import confusion_matrix
 from liverfusion.viz import plot_confusion_matrix, plot_embedding, plot_per_fold, plot_roc
+from liverfusion.viz.plots import TSNE_MIN_POINTS, embedding_method, roc_curves
 
 NAMES = ["hemangioma", "ICC", "abscess", "HCC"]
 
@@ -65,6 +66,36 @@ def test_roc_multiclass_binary_and_absent_class(tmp_path):
     _check_png(plot_roc(probs[keep], labels[keep], NAMES, tmp_path / "absent.png"))
     with pytest.raises(DataError):
         plot_roc(probs, labels, NAMES[:3], tmp_path / "bad.png")
+
+
+def test_roc_legend_carries_the_auroc_ci():
+    probs, labels = _prediction_set(120, 4, seed=3)
+    curves = roc_curves(probs, labels, NAMES)  # DeLong CIs when none are given
+    for c in curves:
+        low, high = c["ci"]
+        assert low < c["auc"] < high and f"AUC {c['auc']:.3f} [{low:.3f}, {high:.3f}]" in c["label"]
+    given = roc_curves(probs, labels, NAMES, ci={"ICC": (0.6, 0.9)})
+    assert given[1]["label"].endswith("[0.600, 0.900]") and given[0]["ci"] == curves[0]["ci"]
+    p1 = probs[:, 3]
+    (binary,) = roc_curves(np.stack([1 - p1, p1], 1), (labels == 3).astype(int), ["other", "HCC"])
+    assert binary["label"].startswith("HCC (positive): AUC") and "[" in binary["label"]
+    keep = labels != 2
+    absent = roc_curves(probs[keep], labels[keep], NAMES)
+    assert absent[2]["label"] == "abscess: undefined (no positives)" and absent[2]["ci"] is None
+
+
+def test_embedding_uses_pca_below_fifty_points(tmp_path, monkeypatch):
+    assert embedding_method(TSNE_MIN_POINTS - 1, "tsne") == "pca"
+    assert embedding_method(TSNE_MIN_POINTS, "tsne") == "tsne" and embedding_method(10, "pca") == "pca"
+    import sklearn.manifold
+
+    def no_tsne(*args, **kwargs):
+        raise AssertionError("t-SNE must not run on 30 points")
+
+    monkeypatch.setattr(sklearn.manifold, "TSNE", no_tsne)
+    rng = np.random.default_rng(4)
+    labels = np.arange(30) % 4
+    _check_png(plot_embedding(rng.normal(size=(30, 8)), labels, NAMES, tmp_path / "e.png", method="tsne"))
 
 
 def test_per_fold_plot(tmp_path):

@@ -82,7 +82,8 @@ def test_predict_matches_evaluate_and_names_missing_phases(trained, cohort, tiny
         )
     text = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert text[0].startswith("case_id,patient_id,modalities_used,missing,prob_hemangioma")
-    assert text[0].endswith("prediction,prediction_index,confidence,review")
+    assert text[0].endswith("prediction,prediction_index,confidence,review,source")
+    assert text[1].endswith(f",images/{cases[0]}")  # each row's input folder
     assert ",In Phase;C+A," in text[5]  # the missing list of case 4, in the model's modality order
 
     # evaluate on the same cases (a data config pointing at the cohort, missing phases masked) agrees
@@ -268,8 +269,13 @@ def test_flip_tta_and_ensembles_average_probabilities():
 
 
 def test_console_script_is_declared():
+    import importlib
+    import re
+
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert 'liverfusion-predict = "liverfusion.predict:main"' in text
+    target = re.search(r'^liverfusion-predict = "([\w.]+):(\w+)"', text, re.M)
+    assert target is not None, "no liverfusion-predict console script"
+    assert callable(getattr(importlib.import_module(target.group(1)), target.group(2)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -493,3 +499,129 @@ def test_a_checkpoint_of_the_earlier_main_still_predicts(tiny_phantom, tmp_path)
     ours = read_predictions_csv(tmp_path / "out" / "predictions.csv")
     assert ours.case_ids == theirs.case_ids and payload["model"]["preprocess"]["orientation"] == "none"
     assert np.allclose(ours.probs, theirs.probs, atol=2e-6)
+
+
+def test_lesion_mass_against_a_centred_blob_of_the_same_size(tmp_path):
+    """The Grad-CAM check of benchmarks/calibration_phantom.py: mass inside the lesion mask vs a centred blob."""
+    import nibabel as nib
+
+    from liverfusion.data.preprocess import PreprocessConfig
+    from liverfusion.evaluation.explain import centred_blob, lesion_mass, mask_on_network_grid, mass_inside
+
+    blob = centred_blob((8, 16, 16), 100)
+    assert blob.sum() == 100 and blob[4, 8, 8] and not blob[0, 0, 0]
+    assert np.allclose(np.argwhere(blob).mean(0), [3.5, 7.5, 7.5], atol=0.5)  # centred
+    mask = np.zeros((8, 16, 16), dtype=bool)
+    mask[2:5, 2:7, 9:14] = True  # an off-centre lesion
+    z, y, x = np.meshgrid(np.arange(8), np.arange(16), np.arange(16), indexing="ij")
+    on_lesion = np.exp(-((z - 3) ** 2 + (y - 4) ** 2 + (x - 11) ** 2) / 8.0)
+    centre = np.exp(-((z - 3.5) ** 2 + (y - 7.5) ** 2 + (x - 7.5) ** 2) / 8.0)
+    found, biased = lesion_mass(on_lesion, mask), lesion_mass(centre, mask)
+    assert found["lesion"] > 2 * found["blob"]  # a map on the lesion beats the centre prior
+    assert biased["blob"] > biased["lesion"]  # a map of the centre does not
+    flat = lesion_mass(np.ones_like(on_lesion), mask)
+    assert flat["lesion"] == pytest.approx(flat["uniform"]) == pytest.approx(flat["blob"])
+    assert np.isnan(mass_inside(np.zeros((2, 2, 2)), np.ones((2, 2, 2))))
+    with pytest.raises(ValueError, match="differ in shape"):
+        mass_inside(np.ones((2, 2, 2)), np.ones((2, 2)))
+    # a mask file comes onto the network grid like its image (resize, then the centre crop)
+    data = np.zeros((16, 16, 8), dtype=np.uint8)  # NIfTI (i, j, k) = (W, H, D)
+    data[9:14, 2:7, 2:5] = 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "m.nii.gz")
+    cfg = PreprocessConfig(shape=(8, 32, 32), mode="resize", normalize="none")
+    grid = mask_on_network_grid(tmp_path / "m.nii.gz", cfg)
+    assert grid.shape == (8, 32, 32) and grid.sum() == pytest.approx(mask.sum() * 4, rel=0.25)
+    assert mask_on_network_grid(tmp_path / "m.nii.gz", cfg, (8, 16, 16)).shape == (8, 16, 16)
+
+
+@pytest.mark.shared_data
+def test_real_lgg_cases_predict_with_maps_on_their_grids(shared_data, tmp_path):
+    """Five real LGG case folders (../shared/data) predicted by a model trained (briefly) on the other patients:
+    one row each, the FLAIR-copy fillers masked, and every Grad-CAM map on its input file's grid and affine."""
+    import csv
+
+    import nibabel as nib
+    from omegaconf import open_dict
+
+    from liverfusion.train import train
+    from tests.conftest import shared_subdir
+
+    lgg = shared_subdir(shared_data, "lgg_tcga_3seq_dev")
+    with (lgg / "labels.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    held = sorted(r["case_folder"] for r in rows)[:5]
+    held_patients = {r["patient"] for r in rows if r["case_folder"] in held}
+    train_root, new = tmp_path / "lgg_train", tmp_path / "new_cases"
+    (train_root / "subjects").mkdir(parents=True)
+    new.mkdir()
+    kept = [r for r in rows if r["patient"] not in held_patients]
+    for r in kept:
+        (train_root / "subjects" / r["case_folder"]).symlink_to(lgg / "subjects" / r["case_folder"])
+    for case in held:
+        (new / case).symlink_to(lgg / "subjects" / case)
+    with (train_root / "labels.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(kept)
+    GlobalHydra.instance().clear()
+    overrides = [
+        "+experiment=cgc_finetune",
+        "data=lgg",
+        f"data.layout.root={train_root}",
+        "data.preprocess.shape=[16,48,48]",
+        "data.num_workers=0",
+        "data.prep_workers=0",
+        "data.fold=0",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "model.init=scratch",
+        "logger=none",
+        "callbacks=none",
+        "trainer.max_epochs=1",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        "model.evaluation.n_boot=50",
+        "extras.print_config=false",
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    train(cfg)
+    listing = {c: sorted(p.name for p in (new / c).iterdir()) for c in held}
+    payload = _predict(tmp_path / "run", new, tmp_path / "out", "explain=true", "duplicate_source=[flair]")
+    assert {c: sorted(p.name for p in (new / c).iterdir()) for c in held} == listing  # nothing written there
+    assert [c["case_id"] for c in payload["cases"]] == held
+    assert payload["model"]["modalities"] == ["t1_pre", "flair", "t1_post"]
+    for c in payload["cases"]:
+        assert "flair" in c["modalities_used"]  # only the FLAIR-copy fillers may be masked
+        assert c["missing"] == [m for m in ("t1_pre", "t1_post") if m in c["missing"]]
+        assert sorted(c["explain"]["maps"]) == sorted(c["modalities_used"])
+        for m, rel in c["explain"]["maps"].items():
+            img, src = nib.load(tmp_path / "out" / rel), nib.load(new / c["case_id"] / f"{m}.nii.gz")
+            assert img.shape == src.shape and np.allclose(img.affine, src.affine)
+            values = np.asarray(img.dataobj)
+            assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1 + 1e-6
+
+
+def test_predict_speed_benchmark_on_a_tiny_setting(tmp_path):
+    """benchmarks/predict_speed.py end to end at a tiny size (the real run: 3 members, the demo size, 2 cores)."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import predict_speed
+    finally:
+        sys.path.pop(0)
+    args = ["--cases", "3", "--members", "2", "--shape", "8,32,32", "--repeats", "1", "--threads", "1"]
+    args += ["--tta", "none", "--workdir", str(tmp_path / "w"), "--results", str(tmp_path / "r" / "s.json")]
+    assert predict_speed.main(args) == 0
+    res = json.loads((tmp_path / "r" / "s.json").read_text())
+    cpu = res["configurations"]["cpu/none"]
+    assert cpu["s_per_case"] > 0 and cpu["startup_s"] > 0 and cpu["runs"][0]["n_models"] == 2
+    assert cpu["runs"][0]["cases"] == 3 and res["setup"]["shape"] == [8, 32, 32]
+    assert ("cuda/none" in res["configurations"]) or ("cuda/none" in res["skipped"])
+    text = (tmp_path / "r" / "s.md").read_text()
+    assert "| cpu | none |" in text and "start-up" in text
+    # resumable: a second run keeps the finished configuration
+    assert predict_speed.main(args) == 0
+    assert json.loads((tmp_path / "r" / "s.json").read_text())["configurations"]["cpu/none"] == cpu

@@ -7,7 +7,10 @@ One concept per module:
 - :mod:`~liverfusion.evaluation.writing`: ``predictions.csv`` (and its reader), submission, metrics files;
 - :mod:`~liverfusion.evaluation.loading`: classifier checkpoints, run / multirun folders, ensembles;
 - :mod:`~liverfusion.evaluation.inference`: a model or ensemble over a loader (device, flip TTA);
-- :mod:`~liverfusion.evaluation.calibration`: temperature scaling, calibration and selective-prediction scores.
+- :mod:`~liverfusion.evaluation.calibration`: temperature scaling, calibration and selective-prediction scores;
+- :mod:`~liverfusion.evaluation.inputs` / :mod:`~liverfusion.evaluation.dicom_input`: ``predict``'s input (case
+  folders, an LLD-MMRI release, a DICOM tree converted by ``prepare``);
+- :mod:`~liverfusion.evaluation.explain`: Grad-CAM maps on the input grid, occlusion, the lesion-mass check.
 
 Nothing here is an entry point, so ``liverfusion.modules`` may import it without importing a CLI.
 """
@@ -27,8 +30,10 @@ from liverfusion.evaluation.scoring import (
     ROBUSTNESS_METRICS,
     aggregate_by_patient,
     compare_predictions,
+    lldmmri_style,
     metrics_with_ci,
     robustness_table,
+    shown_metrics,
 )
 from liverfusion.evaluation.writing import (
     metrics_markdown,
@@ -52,6 +57,7 @@ __all__ = [
     "check_ensemble",
     "compare_predictions",
     "find_checkpoints",
+    "lldmmri_style",
     "load_classifier",
     "load_ensemble",
     "metrics_markdown",
@@ -63,6 +69,7 @@ __all__ = [
     "resolve_device",
     "robustness_table",
     "rows_csv",
+    "shown_metrics",
     "submission_json",
     "table_markdown",
     "write_evaluation",

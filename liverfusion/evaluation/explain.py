@@ -113,6 +113,64 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# does the map fall on the lesion? (the phantom ships lesion masks)
+# ---------------------------------------------------------------------------------------------------------------
+def centred_blob(shape: Sequence[int], n_voxels: int) -> np.ndarray:
+    """The ``n_voxels`` voxels of a ``shape`` grid nearest its centre, distance scaled by the grid's extent per axis
+    (an ellipsoid with the crop's aspect): the map of a model that only learnt "the lesion is in the middle"."""
+    shape = tuple(int(v) for v in shape)
+    n = int(np.clip(n_voxels, 0, int(np.prod(shape))))
+    grids = np.meshgrid(*[(np.arange(d) - (d - 1) / 2) / (d / 2) for d in shape], indexing="ij")
+    dist = sum(g**2 for g in grids).ravel()
+    out = np.zeros(dist.size, dtype=bool)
+    out[np.argsort(dist, kind="stable")[:n]] = True
+    return out.reshape(shape)
+
+
+def mass_inside(cam: np.ndarray, region: np.ndarray) -> float:
+    """Share of the map's total mass (sum of its non-negative values) inside ``region``; NaN for an all-zero map."""
+    cam = np.clip(np.asarray(cam, dtype=np.float64), 0, None)
+    total = cam.sum()
+    if cam.shape != np.shape(region):
+        raise ValueError(f"map {cam.shape} and region {np.shape(region)} differ in shape")
+    return float(cam[np.asarray(region, dtype=bool)].sum() / total) if total > 0 else float("nan")
+
+
+def lesion_mass(cam: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Grad-CAM mass inside the lesion ``mask`` against a centred blob of the same voxel count (lesion-centred
+    crops make the centre a strong prior: the map must beat it to show it found the lesion itself) and against a
+    uniform map (the mask's share of the volume)."""
+    mask = np.asarray(mask, dtype=bool)
+    blob = centred_blob(mask.shape, int(mask.sum()))
+    return {
+        "lesion": mass_inside(cam, mask),
+        "blob": mass_inside(cam, blob),
+        "uniform": float(mask.mean()),
+        "overlap_blob_lesion": float((blob & mask).sum() / max(int(mask.sum()), 1)),
+    }
+
+
+def mask_on_network_grid(
+    path: str | Path, preprocess: PreprocessConfig, eval_crop: Sequence[int] | None = None
+) -> np.ndarray:
+    """A lesion mask file brought onto the network input grid the way its image is (reorientation, resize or
+    resampling, crop), as bool (D, H, W)."""
+    from dataclasses import replace
+
+    from monai.transforms import CenterSpatialCrop
+
+    from liverfusion.data.preprocess import Preprocessor
+
+    vol = load_volume(path, check=False)
+    arr = Preprocessor(replace(preprocess, normalize="none"))(vol)
+    if eval_crop:
+        arr = np.asarray(CenterSpatialCrop(roi_size=[int(c) for c in eval_crop])(torch.as_tensor(arr)[None]))[
+            0
+        ]
+    return arr > 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # back onto the input file's grid
 # ---------------------------------------------------------------------------------------------------------------
 def _probe_offset(transform: Any, size: int, axis: int) -> float:

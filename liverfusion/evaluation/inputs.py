@@ -1,5 +1,5 @@
-"""New patients' cases for ``predict``: a folder of case folders ``<case>/<modality>.nii.gz``, or an LLD-MMRI
-release (its ``images/`` folder, or the release root holding it), read as a :class:`~liverfusion.data.layouts.Layout`
+"""New patients' cases for ``predict``: a folder of case folders ``<case>/<modality>.nii.gz`` (also what
+:mod:`~liverfusion.evaluation.dicom_input` makes of a DICOM tree), or an LLD-MMRI release (its ``images/`` folder, or the release root holding it), read as a :class:`~liverfusion.data.layouts.Layout`
 so a case goes through the same missing-modality and duplicate-copy rules as in training.
 
 File names are matched to the checkpoint's modality names ignoring case and treating spaces and underscores alike
@@ -140,8 +140,9 @@ class CaseFolderLayout(Layout):
                     "case folder has no usable modality file: it holds DICOM (files or series folders)",
                     path=folder,
                     case=folder.name,
-                    fix="convert the tree first: python -m liverfusion.prepare kind=dicom rules=<name> input=<tree> "
-                    "out=<folder>, then predict with input=<folder>/subjects",
+                    fix="predict a DICOM tree on its own: input=<the DICOM tree> rules=<prepare rule set> "
+                    "(or convert it first: python -m liverfusion.prepare kind=dicom rules=<name> input=<tree> "
+                    "out=<folder>, then input=<folder>/subjects)",
                 )
             raise DataError(
                 "case folder has no usable modality file",

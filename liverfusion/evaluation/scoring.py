@@ -26,6 +26,28 @@ log = logging.getLogger(__name__)
 
 ROBUSTNESS_METRICS = ("macro_f1", "balanced_accuracy", "auroc", "lld_score")
 HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "lld_score", "auroc", "ece")
+LLD_MMRI_CLASSES = ("hemangioma", "ICC", "abscess", "metastasis", "cyst", "FNH", "HCC")
+
+
+def lldmmri_style(class_names: Sequence[str]) -> bool:
+    """Data with the LLD-MMRI classes (the release or the phantom that mimics it): where ``lld_score``, the
+    challenge's (macro-F1 + kappa) / 2, means something. Other data sets are not scored by it in what a person
+    reads (it stays in the JSON files)."""
+    return set(map(str, class_names)) == set(LLD_MMRI_CLASSES)
+
+
+def shown_metrics(keys: Sequence[str], class_names: Sequence[str]) -> list[str]:
+    """The metric keys of a table a person reads, in their order: ``lld_score`` only for LLD-MMRI-style data; for a
+    binary task one AUROC (``auroc``: ``binary/auroc`` and the per-class ``auroc/<c>`` are the same number, the
+    DeLong CI is given beside it) and one sensitivity / specificity (``binary/*``, the positive class's)."""
+    k = len(class_names)
+    drop: set[str] = set()
+    if not lldmmri_style(class_names):
+        drop |= {"lld_score", "delta_lld_score"}
+    if k == 2:
+        drop |= {"binary/auroc", "binary/auroc_delong"}
+        drop |= {f"{m}/{c}" for c in class_names for m in ("auroc", "sensitivity", "specificity")}
+    return [key for key in keys if key not in drop]
 
 
 def metrics_with_ci(

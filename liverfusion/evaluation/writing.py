@@ -15,10 +15,13 @@ import numpy as np
 from liverfusion.errors import DataError
 from liverfusion.evaluation.predictions import PredictionSet
 from liverfusion.evaluation.scoring import (
+    ROBUSTNESS_METRICS,
     aggregate_by_patient,
     compare_predictions,
+    lldmmri_style,
     metrics_with_ci,
     robustness_table,
+    shown_metrics,
 )
 from liverfusion.utils.atomic import atomic_write_bytes, atomic_write_text
 
@@ -92,14 +95,26 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-def metrics_markdown(metrics: Mapping[str, Mapping[str, float]], keys: Sequence[str] | None = None) -> str:
+def metrics_markdown(
+    metrics: Mapping[str, Mapping[str, float]],
+    keys: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> str:
+    """One row per metric with its 95 % CI; with ``class_names`` only what ``shown_metrics`` lists for that task
+    (a binary task's AUROC once, with its DeLong CI beside the bootstrap one)."""
     keys = list(keys) if keys is not None else [k for k in metrics if not k.startswith("n_")]
+    delong = metrics.get("binary/auroc_delong") if class_names is not None and len(class_names) == 2 else None
+    if class_names is not None:
+        keys = shown_metrics(keys, class_names)
     lines = ["| metric | value | 95 % CI |", "|---|---:|---|"]
     for k in keys:
         if k not in metrics:
             continue
         m = metrics[k]
-        lines.append(f"| {k} | {_fmt(m['point'])} | [{_fmt(m['low'])}, {_fmt(m['high'])}] |")
+        ci = f"[{_fmt(m['low'])}, {_fmt(m['high'])}]"
+        if k == "auroc" and delong is not None:
+            ci += f" (DeLong [{_fmt(delong['low'])}, {_fmt(delong['high'])}])"
+        lines.append(f"| {k} | {_fmt(m['point'])} | {ci} |")
     return "\n".join(lines)
 
 
@@ -177,9 +192,12 @@ def write_evaluation(
     if preds.has_labels:
         metrics = metrics_with_ci(preds, n_boot=n_boot, alpha=alpha, seed=seed, threshold=threshold)
         write_json(out / "metrics.json", metrics)
-        text = "# Metrics (per lesion)\n\n" + metrics_markdown(metrics) + "\n"
+        unit = "per lesion" if lldmmri_style(preds.class_names) else "per case"
+        text = f"# Metrics ({unit})\n\n" + metrics_markdown(metrics, class_names=preds.class_names) + "\n"
         summary["metrics"] = {k: v["point"] for k, v in metrics.items()}
-        rob = robustness_table(preds, threshold=threshold)
+        rob = robustness_table(
+            preds, metrics=shown_metrics(ROBUSTNESS_METRICS, preds.class_names), threshold=threshold
+        )
         if rob:
             atomic_write_text(out / "robustness.csv", rows_csv(rob))
             atomic_write_text(out / "robustness.md", table_markdown(rob) + "\n")
@@ -191,12 +209,17 @@ def write_evaluation(
             write_json(out / "patient_metrics.json", pm)
             summary["patient_metrics"] = {k: v["point"] for k, v in pm.items()}
             summary["patients_with_disagreeing_lesions"] = disagree
+            what = "lesion" if lldmmri_style(preds.class_names) else "case"
             text += (
-                f"\n## Per patient ({aggregate} of lesion probabilities)\n\n" + metrics_markdown(pm) + "\n"
+                f"\n## Per patient ({aggregate} of {what} probabilities)\n\n"
+                + metrics_markdown(pm, class_names=preds.class_names)
+                + "\n"
             )
             if disagree:
-                text += f"\n{disagree} patient(s) have lesions of different classes (majority label used).\n"
+                text += f"\n{disagree} patient(s) have {what}s of different classes (majority label used).\n"
         if compare_to is not None:
+            if compare_metric == "lld_score" and not lldmmri_style(preds.class_names):
+                compare_metric = "macro_f1"  # the LLD-MMRI default means nothing for other classes
             cmp = compare_predictions(preds, compare_to, metric=compare_metric, n_boot=n_boot, seed=seed)
             write_json(out / "comparison.json", cmp)
             summary["comparison"] = cmp

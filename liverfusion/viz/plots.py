@@ -104,6 +104,55 @@ def plot_confusion_matrix(
     return _save(fig, path, dpi)
 
 
+def roc_curves(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    class_names: Sequence[str],
+    ci: Mapping[str, Sequence[float]] | None = None,
+    alpha: float = 0.05,
+) -> list[dict]:
+    """The curves of :func:`plot_roc`: per curve its class index, legend text, AUC and (1 - ``alpha``) CI, and the
+    ROC points (None when undefined). ``ci`` maps a class name to a (low, high) interval computed elsewhere (the
+    report's patient-level bootstrap); a class without one gets DeLong's CI."""
+    from liverfusion.metrics import delong_ci
+
+    p, y = validate_probs_labels(probs, labels, num_classes=len(class_names))
+    k = p.shape[1]
+    out = []
+    for c in [1] if k == 2 else list(range(k)):
+        target = (y == c).long()
+        n_pos = int(target.sum())
+        name = f"{class_names[c]} (positive)" if k == 2 else str(class_names[c])
+        if n_pos == 0 or n_pos == len(target):
+            what = "positives" if n_pos == 0 else "negatives"
+            out.append(
+                {"class": c, "label": f"{name}: undefined (no {what})", "auc": None, "ci": None, "roc": None}
+            )
+            continue
+        fpr, tpr, _ = tmf.binary_roc(p[:, c], target)
+        auc = float(tmf.binary_auroc(p[:, c], target))
+        given = (ci or {}).get(str(class_names[c]))
+        if given is not None:
+            low, high = float(given[0]), float(given[1])
+        else:
+            try:
+                d = delong_ci(p[:, c].numpy(), target.numpy(), alpha=alpha)
+                low, high = float(d.low), float(d.high)
+            except DataError:
+                low = high = float("nan")
+        interval = f" [{low:.3f}, {high:.3f}]" if np.isfinite(low) and np.isfinite(high) else ""
+        out.append(
+            {
+                "class": c,
+                "label": f"{name}: AUC {auc:.3f}{interval}",
+                "auc": auc,
+                "ci": (low, high),
+                "roc": (fpr.numpy(), tpr.numpy()),
+            }
+        )
+    return out
+
+
 def plot_roc(
     probs: ArrayLike,
     labels: ArrayLike,
@@ -111,43 +160,39 @@ def plot_roc(
     path: str | Path,
     title: str = "ROC",
     dpi: int = 150,
+    ci: Mapping[str, Sequence[float]] | None = None,
+    ci_method: str | None = None,
 ) -> Path:
-    """ROC curves with AUC in the legend: one-vs-rest per class for K > 2, one curve for K == 2 (column 1 positive).
+    """ROC curves with AUC and its 95 % CI in the legend: one-vs-rest per class for K > 2, one curve for K == 2
+    (column 1 positive). ``ci`` (class name -> (low, high)) gives the intervals, e.g. the report's patient-level
+    bootstrap (``ci_method`` names it in the title); without it each is DeLong's.
 
     Classes without positives or negatives in ``labels`` have no ROC; they are listed in the legend as undefined.
     """
-    p, y = validate_probs_labels(probs, labels, num_classes=len(class_names))
-    k = p.shape[1]
-    classes = [1] if k == 2 else list(range(k))
+    curves = roc_curves(probs, labels, class_names, ci)
+    k = len(class_names)
     colours = _class_colours(k)
     fig = _new_figure(6.0, 5.5)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
     aucs = []
-    for c in classes:
-        target = (y == c).long()
-        n_pos = int(target.sum())
-        name = f"{class_names[c]} (positive)" if k == 2 else str(class_names[c])
-        if n_pos == 0 or n_pos == len(target):
-            ax.plot(
-                [],
-                [],
-                color=colours[c],
-                label=f"{name}: undefined (no {'positives' if n_pos == 0 else 'negatives'})",
-            )
+    for curve in curves:
+        colour = colours[curve["class"]]
+        if curve["roc"] is None:
+            ax.plot([], [], color=colour, label=curve["label"])
             continue
-        fpr, tpr, _ = tmf.binary_roc(p[:, c], target)
-        auc = float(tmf.binary_auroc(p[:, c], target))
-        aucs.append(auc)
-        ax.plot(fpr.numpy(), tpr.numpy(), color=colours[c], linewidth=1.8, label=f"{name}: AUC {auc:.3f}")
+        aucs.append(curve["auc"])
+        ax.plot(*curve["roc"], color=colour, linewidth=1.8, label=curve["label"])
     if k > 2 and aucs:
         title = f"{title} (one-vs-rest), macro AUC {np.mean(aucs):.3f}"
+    n = len(np.asarray(labels))
+    how = ci_method or ("DeLong" if not ci else "given")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
     ax.set_xlabel("False positive rate (1 - specificity)")
     ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title(f"{title}, n = {len(y)}")
+    ax.set_title(f"{title}, n = {n}\nlegend: AUC [95 % CI, {how}]", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path, dpi)
@@ -200,6 +245,17 @@ def plot_per_fold(
     return _save(fig, path, dpi)
 
 
+TSNE_MIN_POINTS = 50
+"""Below this many points t-SNE (perplexity capped at (n - 1) / 3) draws clusters out of noise: PCA instead."""
+
+
+def embedding_method(n_points: int, method: str) -> str:
+    """The projection actually used for ``n_points``: ``tsne`` falls back to ``pca`` below ``TSNE_MIN_POINTS``."""
+    if method not in ("tsne", "pca"):
+        raise ValueError(f"method must be 'tsne' or 'pca', got {method!r}")
+    return "pca" if method == "tsne" and n_points < TSNE_MIN_POINTS else method
+
+
 def _project(
     features: np.ndarray, method: str, seed: int, perplexity: float, pca_dims: int, max_iter: int
 ) -> np.ndarray:
@@ -243,7 +299,8 @@ def plot_embedding(
     dpi: int = 150,
 ) -> Path:
     """2-D t-SNE (or PCA) scatter of features coloured by class; a dict name -> (features, labels) gives one panel
-    per entry side by side (e.g. pretrained vs scratch encoders), each projected independently.
+    per entry side by side (e.g. pretrained vs scratch encoders), each projected independently. With fewer than
+    ``TSNE_MIN_POINTS`` points in a panel, t-SNE gives way to PCA (said so in the title).
     ``perplexity`` is capped at (n - 1) / 3; ``max_iter`` (t-SNE optimisation steps, >= 250) trades time for
     convergence. ``n_threads`` caps the BLAS/OpenMP threads of the projection (1 is fastest for a few hundred
     points on a busy machine, where idle OpenMP threads spin); None keeps the library defaults.
@@ -257,6 +314,8 @@ def plot_embedding(
             raise DataError("labels are required when features is a single array")
         panels = {"": (features, labels)}
     colours = _class_colours(len(class_names))
+    requested = method
+    method = embedding_method(min(len(fl[0]) for fl in panels.values()), method)
     axis_name = "t-SNE" if method == "tsne" else "PC"
     fig = _new_figure(4.6 * len(panels) + 1.6, 4.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -297,5 +356,8 @@ def plot_embedding(
                 handles.append(h)
                 leg_labels.append(lab)
     fig.legend(handles, leg_labels, loc="outside right center", title="class", fontsize=8)
-    fig.suptitle(f"{title} ({'t-SNE' if method == 'tsne' else 'PCA'})")
+    shown = "t-SNE" if method == "tsne" else "PCA"
+    if method != requested:
+        shown += f": fewer than {TSNE_MIN_POINTS} points, too few for t-SNE"
+    fig.suptitle(f"{title} ({shown})")
     return _save(fig, path, dpi)
