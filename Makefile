@@ -1,8 +1,11 @@
 # liverfusion: `make demo` and `make test` each install first when needed (one command on a fresh machine).
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-# CPU machines take the CPU build of torch first; GPU users keep their own CUDA torch (pyproject allows a range).
-TORCH_CPU ?= torch==2.13.0
+# CPU machines take the CPU build of torch first (about 200 MB instead of the multi-GB CUDA wheel), from PyTorch's
+# CPU wheel index when pip can reach it, else from pip's own index (which serves a CPU build on this machine);
+# GPU machines (nvidia-smi answers) take pip's default CUDA build. An installed torch is always kept.
+TORCH_SPEC ?= torch>=2.6
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := .make/install.stamp
 PYTEST_ARGS ?=
 export WANDB_MODE ?= offline
@@ -16,8 +19,12 @@ help:  ## show this help
 $(STAMP): pyproject.toml
 	@mkdir -p .make
 	@if ! $(PYTHON) -c "import torch" 2>/dev/null; then \
-		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install "torch>=2.6"; \
-		else $(PIP) install "$(TORCH_CPU)"; fi; \
+		if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+			echo "GPU found: installing torch with CUDA"; $(PIP) install "$(TORCH_SPEC)"; \
+		else \
+			echo "no GPU: installing torch's CPU-only build"; \
+			$(PIP) install --timeout 20 --retries 1 --index-url "$(TORCH_CPU_INDEX)" "$(TORCH_SPEC)" || $(PIP) install "$(TORCH_SPEC)"; \
+		fi; \
 	fi
 	$(PIP) install -e ".[dev]"
 	@touch $(STAMP)
@@ -35,12 +42,12 @@ test-slow: $(STAMP)  ## run the slow tests too (long training, benchmarks)
 	$(PYTHON) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff lint + format check
-	$(PYTHON) -m ruff check liverfusion tests benchmarks
-	$(PYTHON) -m ruff format --check liverfusion tests benchmarks
+	$(PYTHON) -m ruff check liverfusion hydra_plugins tests benchmarks
+	$(PYTHON) -m ruff format --check liverfusion hydra_plugins tests benchmarks
 
 format: $(STAMP)  ## apply ruff fixes and formatting
-	$(PYTHON) -m ruff check --fix liverfusion tests benchmarks
-	$(PYTHON) -m ruff format liverfusion tests benchmarks
+	$(PYTHON) -m ruff check --fix liverfusion hydra_plugins tests benchmarks
+	$(PYTHON) -m ruff format liverfusion hydra_plugins tests benchmarks
 
 bench: $(STAMP)  ## run the benchmark scripts (long; resumable; results in benchmarks/results/)
 	$(PYTHON) benchmarks/run_all.py

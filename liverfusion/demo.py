@@ -5,16 +5,19 @@ Each step is printed as the command a user would type, then run, so the demo dou
 2. ``pretrain``: pre-train SimSiam on MDA cross-phase pairs and export ``encoder.pt``;
 3. ``finetune``: train the CGC fusion classifier on the frozen pre-trained encoder, select the epoch on the
    validation fold, test once on the test split;
-4. ``evaluate``: run the saved checkpoint on the test split with the evaluation CLI (predictions.csv, the LLD-MMRI
-   submission JSON, metrics with bootstrap CIs, robustness table), reading everything it needs from the checkpoint;
-5. ``report``: aggregate the run into results.md, CSVs, figures and a model card; print the metrics table.
+4. ``evaluate``: calibrate the saved checkpoint (``calibrate=true``: a temperature fitted on the validation split,
+   stored with the model as ``finetune/calibration.json``; a few seconds) and run it on the test split with the
+   evaluation CLI (predictions.csv, the LLD-MMRI submission JSON, metrics with bootstrap CIs, ECE before / after
+   calibration, reliability diagram, robustness table), reading everything it needs from the checkpoint;
+5. ``report``: aggregate the run into results.md, CSVs, figures (calibration included) and a model card; print the
+   metrics table. ``python -m liverfusion.predict ckpt_path=<root>/finetune input=<case folders> out=<folder>`` then
+   answers for new patients with the calibrated model.
 All outputs of one demo go to ``logs/demo/<time>/<step>`` (the phantom to ``data/phantom``, preprocessed volumes to
-``.cache/liverfusion``). Budget: 10 minutes on 2 CPU cores after install.
+the per-user cache, ``~/.cache/liverfusion`` or ``$LIVERFUSION_CACHE_DIR``). Budget: 10 minutes on 2 CPU cores after install.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import shlex
@@ -60,6 +63,7 @@ def step_commands(root: Path, overrides: list[str]) -> dict[str, list[str]]:
             "liverfusion.evaluate",
             f"ckpt_path={root / 'finetune'}",
             "split=test",
+            "calibrate=true",
             f"hydra.run.dir={root / 'evaluate'}",
             *data_overrides,
         ],
@@ -89,18 +93,9 @@ def run_step(name: str, args: list[str]) -> float:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--steps", default=",".join(STEP_NAMES), help=f"comma-separated subset of {STEP_NAMES}"
-    )
-    parser.add_argument(
-        "--root",
-        default=None,
-        help="output folder of this demo (default logs/demo/<time>; reuse one to resume)",
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to the training steps")
+    from liverfusion.help import build_parser  # the parser and its --help page live there
+
+    parser = build_parser("demo")
     args = parser.parse_args(argv)
     steps = [s for s in args.steps.split(",") if s]
     unknown = [s for s in steps if s not in STEP_NAMES]

@@ -62,6 +62,7 @@ from liverfusion.evaluation import (
 )
 from liverfusion.evaluation.loading import _best_in_run
 from liverfusion.utils.cli import cli_errors, hydra_cli
+from liverfusion.utils.hydra_utils import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 
 
 @hydra_cli
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 @cli_errors
 def main(cfg: DictConfig) -> None:
     with open_dict(cfg):

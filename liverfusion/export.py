@@ -216,9 +216,10 @@ def main() -> None:
 
     import liverfusion.evaluation  # noqa: F401  imported before Hydra sets up logging (quiet third-party imports)
     from liverfusion.utils.cli import cli_errors, hydra_cli
+    from liverfusion.utils.hydra_utils import CONFIG_DIR
 
     @hydra_cli
-    @hydra.main(version_base="1.3", config_path="conf", config_name="export")
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
     @cli_errors
     def _main(cfg: Any) -> None:
         run_export(cfg)

@@ -1,14 +1,17 @@
 """``python -m liverfusion.predict ckpt_path=<ckpt | run | multirun> input=<folder> out=<folder>``: a trained
 classifier (or the fold ensemble of a cross-validation) answers for new patients, with no data yaml and no labels.
 
-``input`` is a folder of case folders ``<case>/<modality>.nii.gz`` or an LLD-MMRI release (``images/`` or the
-folder holding it). Modalities (names and order), classes, preprocessing, crop, orientation and the temperature
-come from the checkpoint (and the ``calibration.json`` stored with it), never from the command line. A missing
-modality is masked (as in training with ``on_missing_modality=mask``) and listed for its case.
+``input`` is a folder of case folders ``<case>/<modality>.nii.gz``, an LLD-MMRI release (``images/`` or the
+folder holding it) or a DICOM tree (``rules=<name>``: ``prepare`` maps its series to modalities and converts it in a
+temporary folder; each case is named by its pseudonym and linked to its study folder). Modalities (names and
+order), classes, preprocessing, crop, orientation and the temperature come from the checkpoint (and the
+``calibration.json`` stored with it), never from the command line. A missing modality is masked (as in training
+with ``on_missing_modality=mask``) and listed for its case.
 
 Outputs, all under ``out`` (written atomically; a non-empty ``out`` is refused unless ``overwrite=true``):
 - ``predictions.csv``: case, patient, modalities used, missing modalities, one (calibrated) probability per class,
-  prediction, confidence (its probability) and ``review`` (confidence below ``review_threshold``);
+  prediction, confidence (its probability), ``review`` (confidence below ``review_threshold``) and ``source`` (the
+  case's folder in the input);
 - ``predictions.json``: the same per case plus the model (checkpoints, temperature, TTA, device) and each case's
   folder and files, so every prediction can be traced to its input;
 - with ``explain=true``: ``explain/<case>/<modality>_gradcam.nii.gz`` (Grad-CAM on the shared encoder, on that input
@@ -48,7 +51,7 @@ from liverfusion.evaluation.loading import load_ensemble
 from liverfusion.evaluation.predictions import PredictionSet
 from liverfusion.utils.atomic import atomic_write_text
 from liverfusion.utils.cli import cli_errors, hydra_cli
-from liverfusion.utils.hydra_utils import to_plain
+from liverfusion.utils.hydra_utils import CONFIG_DIR, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,12 @@ KEYS = (
     "print_table",
     "explain",
     "explain_method",
+    "input_kind",
+    "rules",
+    "key_file",
+    "prepare_overrides",
 )
+INPUT_KINDS = ("auto", "cases", "dicom")
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -124,6 +132,14 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     values["review_threshold"] = check_value("review_threshold", values["review_threshold"], "float", 0, 1)
     for key in ("overwrite", "detect_duplicates", "progress", "print_table", "explain"):
         values[key] = check_value(key, values[key], "bool")
+    if values["input_kind"] not in INPUT_KINDS:
+        raise ConfigError(f"input_kind={values['input_kind']!r}: choose one of {INPUT_KINDS}")
+    overrides = values.get("prepare_overrides") or []
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(
+            "prepare_overrides must be a list of prepare settings",
+            fix="e.g. prepare_overrides=[geometry.resample=none]",
+        )
     if values["calibration"] not in ("auto", "none"):
         raise ConfigError(f"calibration={values['calibration']!r}: choose auto or none")
     if not isinstance(values.get("aliases") or {}, Mapping):
@@ -132,9 +148,12 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def prediction_rows(
-    preds: PredictionSet, cases: Mapping[str, Any], review_threshold: float
+    preds: PredictionSet,
+    cases: Mapping[str, Any],
+    review_threshold: float,
+    sources: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per case: what the CSV and the printed table show."""
+    """One row per case: what the CSV and the printed table show (``sources``: case -> its input folder)."""
     rows = []
     for i, case_id in enumerate(preds.case_ids):
         case = cases[case_id]
@@ -153,6 +172,7 @@ def prediction_rows(
                 "prediction_index": k,
                 "confidence": float(p[k]),
                 "review": bool(p[k] < review_threshold),
+                "source": (sources or {}).get(case_id, case_id),
                 "notes": list(case.notes),
             }
         )
@@ -174,6 +194,7 @@ def rows_csv(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> s
             "prediction_index",
             "confidence",
             "review",
+            "source",
         ]
     )
     for r in rows:
@@ -188,14 +209,16 @@ def rows_csv(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> s
                 r["prediction_index"],
                 f"{r['confidence']:.6f}",
                 "yes" if r["review"] else "no",
+                r.get("source", r["case_id"]),
             ]
         )
     return buf.getvalue()
 
 
 def table_text(rows: Sequence[Mapping[str, Any]], review_threshold: float) -> str:
-    """The printed table: one line per case."""
-    header = ("case", "prediction", "confidence", "review", "missing")
+    """The printed table: one line per case (with its input folder when the case id is a pseudonym)."""
+    linked = any(r.get("source", r["case_id"]) != r["case_id"] for r in rows)
+    header = ("case", "prediction", "confidence", "review", "missing") + (("source",) if linked else ())
     lines = [
         (
             str(r["case_id"]),
@@ -204,15 +227,29 @@ def table_text(rows: Sequence[Mapping[str, Any]], review_threshold: float) -> st
             "REVIEW" if r["review"] else "",
             ",".join(r["missing"]) or "-",
         )
+        + ((str(r.get("source", "")),) if linked else ())
         for r in rows
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*line) for line in lines]
+    out += [fmt.format(*line).rstrip() for line in lines]
     n_review = sum(bool(r["review"]) for r in rows)
     out.append(f"{len(rows)} case(s); {n_review} below the review threshold {review_threshold:g}")
     return "\n".join(out)
+
+
+def input_kind(input_dir: Path, s: Mapping[str, Any]) -> str:
+    """``cases`` (case folders, LLD-MMRI ``images/``) or ``dicom``: as given, else ``dicom`` when ``rules`` is set or
+    the tree holds DICOM files and no case folder holds NIfTI."""
+    from liverfusion.evaluation.dicom_input import looks_like_dicom_tree
+
+    kind = str(s["input_kind"])
+    if kind != "auto":
+        return kind
+    if s.get("rules"):
+        return "dicom"
+    return "dicom" if looks_like_dicom_tree(case_root(input_dir)) else "cases"
 
 
 def run_predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -227,25 +264,44 @@ def run_predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     models, meta = load_ensemble(s["ckpt_path"])
     modalities, class_names = list(meta["modalities"]), list(meta["class_names"])
     temperature, calibration = _temperature(s, models)
-
-    root = case_root(input_dir)
-    layout = CaseFolderLayout(
-        root,
-        modalities,
-        aliases=s.get("aliases") or {},
-        ignore=s.get("ignore") or (),
-        detect_duplicates=s["detect_duplicates"],
-        duplicate_source=s.get("duplicate_source") or (),
-    )
-    cases = layout.scan()
-    by_id = {c.case_id: c for c in cases}
-    for c in cases:
-        if c.missing:
-            log.info("case %s: missing %s (masked)", c.case_id, sorted(c.missing))
     preprocess = PreprocessConfig.from_dict(meta["preprocess"], key=f"{models[0].path}: preprocess")
-    startup = time.perf_counter() - start
+    kind = input_kind(input_dir, s)
     with tempfile.TemporaryDirectory(prefix="liverfusion-predict-") as tmp:
-        cache = PreprocessedCache(cache_dir or tmp, "predict", modalities, preprocess)
+        dicom = None
+        if kind == "dicom":
+            from liverfusion.evaluation.dicom_input import prepare_dicom
+
+            dicom = prepare_dicom(
+                input_dir,
+                Path(tmp) / "dicom",
+                s.get("rules"),
+                modalities,
+                aliases=s.get("aliases") or {},
+                key_file=s.get("key_file"),
+                overrides=list(s.get("prepare_overrides") or []),
+                progress=s["progress"],
+            )
+            root = dicom.root
+        else:
+            root = case_root(input_dir)
+        ignore = list(s.get("ignore") or ())
+        if dicom is not None:  # series the rule set maps that this model does not take
+            ignore += [f"{m}{ext}" for m in dicom.unused for ext in (".nii.gz", ".nii")]
+        layout = CaseFolderLayout(
+            root,
+            modalities,
+            aliases=s.get("aliases") or {},
+            ignore=ignore,
+            detect_duplicates=s["detect_duplicates"],
+            duplicate_source=s.get("duplicate_source") or (),
+        )
+        cases = layout.scan()
+        by_id = {c.case_id: c for c in cases}
+        for c in cases:
+            if c.missing:
+                log.info("case %s: missing %s (masked)", c.case_id, sorted(c.missing))
+        startup = time.perf_counter() - start
+        cache = PreprocessedCache(cache_dir or Path(tmp) / "cache", "predict", modalities, preprocess)
         entries = cache.build(cases, workers=s["prep_workers"], progress=s["progress"])
         transform = None
         if meta.get("eval_crop"):
@@ -268,13 +324,26 @@ def run_predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
         explained = {}
         if s["explain"]:
             explained = _explain(models, loader.dataset, preds, by_id, preprocess, meta, out, device, s)
-    rows = prediction_rows(preds, by_id, s["review_threshold"])
+        if dicom is not None:
+            sources = {c: dicom.sources.get(c, {}).get("folder", "") for c in by_id}
+            files = {c: dict(dicom.sources.get(c, {}).get("series", {})) for c in by_id}
+            folders = sources
+        else:
+            sources = {c: str((root / c).relative_to(input_dir)) for c in by_id}
+            folders = sources
+            files = {
+                c: {m: str(p.relative_to(input_dir)) for m, p in case.images.items() if m not in case.missing}
+                for c, case in by_id.items()
+            }
+        prepare_log = dicom.log_path.read_text() if dicom is not None and dicom.log_path else None
+    rows = prediction_rows(preds, by_id, s["review_threshold"], sources)
     for r in rows:
         if r["case_id"] in explained:
             r["explain"] = explained[r["case_id"]]
     payload = {
         "format": PREDICTIONS_FORMAT,
         "input": str(input_dir),
+        "input_kind": kind,
         "model": {
             "checkpoints": [str(m.path) for m in models],
             "n_models": len(models),
@@ -291,24 +360,30 @@ def run_predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
         },
         "review_threshold": s["review_threshold"],
         "seconds": {"startup": round(startup, 3), "total": round(time.perf_counter() - start, 3)},
-        "cases": [
-            {
-                **r,
-                "folder": str((root / r["case_id"]).relative_to(input_dir)),
-                "files": {
-                    m: str(p.relative_to(input_dir))
-                    for m, p in by_id[r["case_id"]].images.items()
-                    if m not in by_id[r["case_id"]].missing
-                },
-            }
-            for r in rows
-        ],
+        "cases": [{**r, "folder": folders[r["case_id"]], "files": files[r["case_id"]]} for r in rows],
     }
+    if dicom is not None:
+        payload["dicom"] = {
+            "rules": dicom.rules,
+            "key_file": str(s.get("key_file")) if s.get("key_file") else None,
+            "note": "case ids are prepare's pseudonyms; 'folder' (the study) and 'files' (one series folder per "
+            "modality) link each one to the input tree",
+            "not_predicted": dicom.failures,
+            "unused_modalities": dicom.unused,
+            "modalities_no_rule_names": dicom.never,
+            "warnings": dicom.warnings,
+        }
     out.mkdir(parents=True, exist_ok=True)
+    if prepare_log is not None:
+        atomic_write_text(out / "prepare_log.json", prepare_log)
     atomic_write_text(out / "predictions.csv", rows_csv(rows, class_names))
     atomic_write_text(out / "predictions.json", json.dumps(payload, indent=1))
     if s["print_table"]:
         print(table_text(rows, s["review_threshold"]))
+        if dicom is not None and dicom.failures:
+            print(
+                f"{len(dicom.failures)} stud(y/ies) of the DICOM tree not predicted (see predictions.json: dicom)"
+            )
         print(f"predictions: {out / 'predictions.csv'}\ndetails:     {out / 'predictions.json'}")
     return payload
 
@@ -373,7 +448,7 @@ def _temperature(s: Mapping[str, Any], models: Sequence[Any]) -> tuple[float | N
 
 
 @hydra_cli
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 @cli_errors
 def main(cfg: DictConfig) -> None:
     run_predict(cfg)

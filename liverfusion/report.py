@@ -15,7 +15,6 @@ tables and figures to W&B too.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import io
 import itertools
@@ -31,14 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from liverfusion.errors import DataError
-from liverfusion.evaluate import (
+from liverfusion.errors import CheckpointError, DataError
+from liverfusion.evaluation import (
     PredictionSet,
     compare_predictions,
+    lldmmri_style,
     metrics_markdown,
     metrics_with_ci,
     read_predictions_csv,
     rows_csv,
+    shown_metrics,
     table_markdown,
     write_json,
 )
@@ -60,6 +61,8 @@ HEADLINE = (
     "binary/specificity",
 )
 REPLICATE_KEYS = ("data.fold", "seed")
+GENERIC_FOLDERS = {"runs", "run", "multiruns", "multirun", "train", "logs", "report", "finetune", "outputs"}
+"""Folder names that say nothing about an arm: never used as its name."""
 TEMPLATE = Path(__file__).resolve().parents[1] / "docs" / "model_card_template.md"
 
 
@@ -160,6 +163,48 @@ def _descriptor(run: Run) -> str:
     return "-".join(parts)
 
 
+def experiment_name(runs: Sequence[Run]) -> str | None:
+    """The experiment all ``runs`` share (``+experiment=NAME``, else the run's ``task_name``), or None."""
+    names = set()
+    for r in runs:
+        name = None
+        for o in r.overrides or []:
+            if _key(o) == "experiment":
+                name = o.split("=", 1)[1]
+        task = r.config.get("task_name") if isinstance(r.config, dict) else None
+        names.add(name or (str(task) if task and task != "train" else None))
+    return next(iter(names)) if len(names) == 1 and None not in names else None
+
+
+def _generic_folder(name: str) -> bool:
+    """``runs``, ``multiruns``, ... or a Hydra time stamp (``2026-01-01_00-00-00``, ``12-30-59``)."""
+    import re
+
+    return name.lower() in GENERIC_FOLDERS or bool(re.fullmatch(r"[\d_.:-]+", name))
+
+
+def family_name(folder: str | Path, runs: Sequence[Run]) -> str:
+    """What a folder's runs are called when no ``--names`` are given: their experiment, else the folder's name
+    unless it is a generic one (``runs``, a time stamp), else what the runs are (fusion-init-fine-tune mode)."""
+    exp = experiment_name(runs)
+    if exp:
+        return exp
+    name = Path(folder).expanduser().resolve().name
+    return _descriptor(runs[0]) if _generic_folder(name) else name
+
+
+def _unique(labels: Sequence[str], folders: Sequence[str | Path]) -> list[str]:
+    """Labels made unique (two folders of one experiment): the folder's name, else a number, appended."""
+    out = list(labels)
+    for i, lab in enumerate(labels):
+        if labels.count(lab) > 1:
+            name = Path(folders[i]).expanduser().resolve().name
+            out[i] = f"{lab} [{name}]" if not _generic_folder(name) else f"{lab} [{i + 1}]"
+    if len(set(out)) < len(out):
+        out = [f"{lab} [{i + 1}]" for i, lab in enumerate(labels)]
+    return out
+
+
 def group_runs(runs: Sequence[Run], label: str) -> list[Arm]:
     """Group the runs of one folder into arms (see the module docstring)."""
     if not runs:
@@ -176,15 +221,17 @@ def group_runs(runs: Sequence[Run], label: str) -> list[Arm]:
         keys = [(_descriptor(r),) for r in runs]
     if len({_descriptor(r) for r in runs}) > 1 and len(set(keys)) == 1:
         keys = [(_descriptor(r),) for r in runs]
+    if len(set(keys)) == 1:  # one arm: named by its family (label, experiment), not by what its runs share
+        keys = [()] * len(runs)
     arms: dict[tuple[str, ...], list[Run]] = {}
     for k, r in zip(keys, runs):
         arms.setdefault(k, []).append(r)
     out = []
     for k, members in arms.items():
+        k = tuple(part for part in k if part != label)  # the descriptor already named the family
         name = label if not k else (f"{label}: {', '.join(k)}" if label else ", ".join(k))
-        out.append(
-            Arm(name or "runs", sorted(members, key=lambda r: (r.fold is None, r.fold or 0, str(r.path))))
-        )
+        name = name or experiment_name(members) or _descriptor(members[0])
+        out.append(Arm(name, sorted(members, key=lambda r: (r.fold is None, r.fold or 0, str(r.path)))))
     return out
 
 
@@ -294,7 +341,7 @@ def make_report(
     dirs: Sequence[str | Path],
     out_dir: str | Path,
     names: Sequence[str] | None = None,
-    metric: str = "lld_score",
+    metric: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     embedding: str = "tsne",
@@ -302,21 +349,38 @@ def make_report(
     card_template: str | Path | None = None,
     wandb_mode: str = "off",
 ) -> dict[str, Any]:
-    """Aggregate the runs under ``dirs`` into ``out_dir``; return the summary rows and comparisons."""
+    """Aggregate the runs under ``dirs`` into ``out_dir``; return the summary rows and comparisons.
+
+    ``metric`` (of the paired comparisons): None picks ``lld_score`` for LLD-MMRI-style data, else ``macro_f1``
+    (``lld_score`` asked of other data falls back to ``macro_f1`` too: it is the LLD-MMRI challenge's score)."""
     out = Path(out_dir)
     if names is not None and len(names) != len(dirs):
         raise DataError(f"{len(names)} names for {len(dirs)} folders")
-    arms: list[Arm] = []
-    for i, d in enumerate(dirs):
+    found = []
+    for d in dirs:
         runs = find_runs(d)
         if not runs:
             raise DataError("no run with test metrics (test/summary.json) found", path=d)
-        label = names[i] if names else (Path(d).name if len(dirs) > 1 else "")
+        found.append(runs)
+    if names:
+        labels = [str(n) for n in names]
+    elif len(dirs) > 1:
+        labels = _unique([family_name(d, runs) for d, runs in zip(dirs, found)], dirs)
+    else:
+        labels = [""]
+    arms: list[Arm] = []
+    for label, runs in zip(labels, found):
         arms.extend(group_runs(runs, label))
     out.mkdir(parents=True, exist_ok=True)  # only once there is something to report
     class_names = arms[0].runs[0].summary.get("class_names") or []
-    metrics = [m for m in HEADLINE if any(m in r.metrics for a in arms for r in a.runs)]
-    if metric not in metrics:
+    available = [m for m in HEADLINE if any(m in r.metrics for a in arms for r in a.runs)]
+    metrics = shown_metrics(available, class_names)
+    lld = lldmmri_style(class_names)
+    if metric is None or (metric == "lld_score" and not lld):
+        if metric == "lld_score":
+            log.info("lld_score is the LLD-MMRI challenge's score: these classes are compared by macro_f1")
+        metric = "lld_score" if lld and "lld_score" in metrics else "macro_f1"
+    if metric not in available:
         raise DataError(f"metric {metric!r} was not reported by these runs; have {metrics}")
 
     pooled: dict[str, tuple[dict[str, dict[str, float]], str]] = {}
@@ -368,33 +432,115 @@ def make_report(
         comparisons = [{k: c.get(k, float("nan")) for k in keys} for c in comparisons]
         atomic_write_text(out / "comparisons.csv", rows_csv(comparisons))
 
+    calibration = {}
+    for a in arms:
+        found_cal = arm_calibration(a, pooled_sets[a.name], out if plots else None)
+        if found_cal is not None:
+            calibration[a.name] = found_cal
+
     figures: dict[str, Path] = {}
     if plots:
-        figures = _plots(arms, pooled_sets, out, metrics, class_names, embedding, seed)
+        figures = _plots(arms, pooled_sets, pooled, out, metrics, class_names, embedding, seed)
+        for name, cal in calibration.items():
+            if cal.get("figure"):
+                figures[f"reliability {name}"] = out / cal["figure"]
 
-    md = _markdown(arms, rows, pooled, comparisons, figures, metrics, metric, dirs, out)
+    md = _markdown(arms, rows, pooled, comparisons, figures, metrics, metric, dirs, out, calibration)
     atomic_write_text(out / "results.md", md)
     write_json(
         out / "results.json",
         {
             "summary": rows,
             "comparisons": comparisons,
+            "comparison_metric": metric,
             "pooled": {k: {"kind": v[1], "metrics": v[0]} for k, v in pooled.items()},
+            "calibration": calibration,
         },
     )
-    card = fill_model_card(arms[0], pooled[arms[0].name], rows, card_template)
+    card = fill_model_card(arms[0], pooled[arms[0].name], rows, card_template, calibration.get(arms[0].name))
     if card is not None:
         atomic_write_text(out / "model_card.md", card)
     if wandb_mode != "off":
         # a run trained with privacy on (clinical data): no image of it leaves the machine through W&B
         private = any(bool(r.config.get("privacy")) for a in arms for r in a.runs)
         _to_wandb(out, rows, comparisons, figures, wandb_mode, privacy=private)
-    return {"summary": rows, "comparisons": comparisons, "arms": [a.name for a in arms]}
+    return {
+        "summary": rows,
+        "comparisons": comparisons,
+        "arms": [a.name for a in arms],
+        "calibration": calibration,
+    }
+
+
+def arm_calibration(arm: Arm, preds: PredictionSet, out: Path | None) -> dict[str, Any] | None:
+    """The temperature stored with the arm's models (``evaluate calibrate=true``: ``calibration.json`` in the
+    multirun or run folder, fitted for exactly these checkpoints) and what it does to the pooled test predictions:
+    ECE, MCE, Brier and NLL before / after, and a reliability diagram (``reliability_<arm>.png``) when ``out``."""
+    import os
+
+    from liverfusion.evaluation.calibration import (
+        calibration_scores,
+        plot_reliability,
+        stored_calibration,
+    )
+    from liverfusion.evaluation.loading import best_in_run
+
+    try:
+        members = [best_in_run(r.path) for r in arm.runs]
+    except CheckpointError:
+        return None
+    if not members or any(m is None for m in members):
+        return None
+    paths = [r.path for r in arm.runs]
+    root = paths[0] if len(paths) == 1 else Path(os.path.commonpath([str(p) for p in paths]))
+    try:
+        stored = stored_calibration(root, members)  # type: ignore[arg-type]
+    except CheckpointError as err:
+        log.warning("%s: calibration not shown: %s", arm.name, err)
+        return None
+    if stored is None:
+        return None
+    temperature = float(stored["temperature"])
+    labelled = preds.subset(preds.labelled)
+    if not labelled.case_ids:
+        return None
+    calibrated = labelled.with_temperature(temperature)
+    result: dict[str, Any] = {
+        "temperature": temperature,
+        "file": stored.get("path"),
+        "fitted_on": stored.get("fitted_on"),
+        "n_fitted": stored.get("n_cases"),
+        "before": calibration_scores(labelled),
+        "after": calibration_scores(calibrated),
+    }
+    if out is not None:
+        name = f"reliability_{file_slug(arm.name)}.png"
+        plot_reliability(
+            {"uncalibrated": labelled, f"calibrated (T = {temperature:.3f})": calibrated},
+            out / name,
+            title="Reliability",
+        )
+        result["figure"] = name
+    return result
+
+
+def _calibration_markdown(calibration: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = [
+        "| arm | temperature | ECE before | ECE after | MCE before | MCE after | Brier before | Brier after | "
+        "NLL before | NLL after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, c in calibration.items():
+        b, a = c["before"], c["after"]
+        cells = [f"{b[k]:.3f} | {a[k]:.3f}" for k in ("ece", "mce", "brier", "nll")]
+        lines.append(f"| {name} | {c['temperature']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _plots(
     arms: Sequence[Arm],
     pooled_sets: Mapping[str, PredictionSet],
+    pooled: Mapping[str, tuple[Mapping[str, Mapping[str, float]], str]],
     out: Path,
     metrics: Sequence[str],
     class_names: Sequence[str],
@@ -406,20 +552,32 @@ def _plots(
 
     figs: dict[str, Path] = {}
     for a in arms:
-        s = file_slug(a.name) if a.name else "runs"
+        s = file_slug(a.name)
         preds = pooled_sets[a.name].subset(pooled_sets[a.name].labelled)
         probs = preds.probs / preds.probs.sum(axis=1, keepdims=True)
         cm = confusion_matrix(probs, preds.labels)
         figs[f"confusion {a.name}"] = plot_confusion_matrix(
-            cm, preds.class_names, out / f"confusion_{s}.png", title=f"Confusion matrix: {a.name or 'runs'}"
+            cm, preds.class_names, out / f"confusion_{s}.png", title=f"Confusion matrix: {a.name}"
         )
+        ci = pooled[a.name][0]
+        intervals = {}
+        for c in preds.class_names:
+            m = ci.get(f"auroc/{c}")
+            if m is not None and np.isfinite(m["low"]) and np.isfinite(m["high"]):
+                intervals[c] = (m["low"], m["high"])
         figs[f"roc {a.name}"] = plot_roc(
-            probs, preds.labels, preds.class_names, out / f"roc_{s}.png", title=f"ROC: {a.name or 'runs'}"
+            probs,
+            preds.labels,
+            preds.class_names,
+            out / f"roc_{s}.png",
+            title=f"ROC: {a.name}",
+            ci=intervals,
+            ci_method="bootstrap over patients",
         )
         per_fold = {m: [float(r.metrics[m]) for r in a.runs if m in r.metrics] for m in metrics if m != "ece"}
         per_fold = {m: v for m, v in per_fold.items() if v}
         figs[f"per-fold {a.name}"] = plot_per_fold(
-            per_fold, out / f"per_fold_{s}.png", title=f"Per-run test scores: {a.name or 'runs'}"
+            per_fold, out / f"per_fold_{s}.png", title=f"Per-run test scores: {a.name}"
         )
     if embedding != "none":
         panels = {}
@@ -427,9 +585,7 @@ def _plots(
             feats = a.runs[0].features()
             if feats is not None and feats[0].shape[0] >= 3:
                 init = a.runs[0].summary.get("init", "")
-                panels[
-                    f"{a.name or 'runs'} ({init})" if init and init not in a.name else (a.name or "runs")
-                ] = feats
+                panels[f"{a.name} ({init})" if init and init not in a.name else a.name] = feats
         if panels:
             figs["embedding"] = plot_embedding(
                 panels,
@@ -445,7 +601,9 @@ def _plots(
     return figs
 
 
-def _markdown(arms, rows, pooled, comparisons, figures, metrics, metric, dirs, out: Path) -> str:
+def _markdown(
+    arms, rows, pooled, comparisons, figures, metrics, metric, dirs, out: Path, calibration=None
+) -> str:
     lines = [
         "# Results",
         "",
@@ -465,9 +623,20 @@ def _markdown(arms, rows, pooled, comparisons, figures, metrics, metric, dirs, o
     if comparisons:
         lines += [f"## Paired comparisons on common cases ({metric}; paired bootstrap over patients)", ""]
         lines += [table_markdown(comparisons), ""]
+    if calibration:
+        lines += [
+            "## Calibration: the temperature stored with the model, on the pooled test predictions",
+            "",
+            "ECE over 15 confidence bins (top label), MCE its worst bin, multiclass Brier score and NLL, before and "
+            "after dividing the logits by the temperature that `evaluate calibrate=true` fitted on the validation "
+            "split (predictions, hence accuracy and F1, are unchanged).",
+            "",
+            _calibration_markdown(calibration),
+            "",
+        ]
     lines += ["## Runs", ""]
     for a in arms:
-        lines.append(f"- **{a.name or 'runs'}**: " + ", ".join(f"fold {r.fold}: `{r.path}`" for r in a.runs))
+        lines.append(f"- **{a.name}**: " + ", ".join(f"fold {r.fold}: `{r.path}`" for r in a.runs))
     if figures:
         lines += ["", "## Figures", ""]
         for name, path in figures.items():
@@ -477,11 +646,35 @@ def _markdown(arms, rows, pooled, comparisons, figures, metrics, metric, dirs, o
         if rob.is_file():
             lines += [
                 "",
-                f"## Robustness, first run of {a.name or 'runs'} (each modality dropped in turn)",
+                f"## Robustness, first run of {a.name} (each modality dropped in turn)",
                 "",
                 rob.read_text().strip(),
             ]
     return "\n".join(lines) + "\n"
+
+
+CARD_NEUTRAL = (
+    (
+        r"- Lesion crops are assumed to be centred on the lesion \(the LLD-MMRI convention\); the model does not "
+        r"detect\s+lesions\.",
+        "- Inputs are assumed to be cropped and centred as the training data were; the model does not localise "
+        "findings.",
+    ),
+    (r"each lesion \(case\)", "each case"),
+    (r"phase timing", "acquisition timing"),
+    (r"\blesions\b", "cases"),
+    (r"\blesion\b", "case"),
+)
+"""Liver-lesion wording of the model card template made neutral for other data (LGG, prostate, ...)."""
+
+
+def neutral_card(text: str) -> str:
+    """``text`` without the LLD-MMRI / lesion wording (for a model trained on other data)."""
+    import re
+
+    for pattern, repl in CARD_NEUTRAL:
+        text = re.sub(pattern, repl, text)
+    return text
 
 
 def fill_model_card(
@@ -489,8 +682,10 @@ def fill_model_card(
     pooled: tuple[Mapping[str, Mapping[str, float]], str],
     rows: Sequence[Mapping[str, Any]],
     template: str | Path | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> str | None:
-    """The model card template filled with the facts of ``arm`` (None when no template is found)."""
+    """The model card template filled with the facts of ``arm`` (None when no template is found); the lesion
+    wording only for LLD-MMRI-style data, and the calibration when one is stored with the model."""
     path = Path(template) if template else TEMPLATE
     if not path.is_file():
         log.warning("model card template %s not found: no model card written", path)
@@ -502,6 +697,8 @@ def fill_model_card(
     model = cfg.get("model", {}) if isinstance(cfg, dict) else {}
     pre = run.summary.get("pretrained") or {}
     ci, kind = pooled
+    class_names = run.summary.get("class_names") or []
+    lld = lldmmri_style(class_names)
     arm_rows = [r for r in rows if r["arm"] == arm.name]
     cv = "\n".join(
         f"| {r['metric']} | {r['mean']:.3f} ± {_fmt(r['std'])} | {r['n_runs']} |" for r in arm_rows
@@ -525,7 +722,7 @@ def fill_model_card(
         "dataset": str(layout.get("name", "?")),
         "data_root": str(layout.get("root", "?")),
         "modalities": ", ".join(run.summary.get("modalities") or []),
-        "classes": ", ".join(run.summary.get("class_names") or []),
+        "classes": ", ".join(class_names),
         "preprocess": json.dumps(data.get("preprocess", {})),
         "fusion": str(run.summary.get("fusion")),
         "encoder": str((model.get("encoder") or {}).get("arch", "?")),
@@ -537,12 +734,27 @@ def fill_model_card(
         "split": json.dumps(data.get("split", {})),
         "selection": f"{run.summary.get('selection_metric')} on the validation fold",
         "pooled_kind": kind,
-        "metrics_table": metrics_markdown(ci, [m for m in HEADLINE if m in ci]),
+        "metrics_table": metrics_markdown(ci, [m for m in HEADLINE if m in ci], class_names=class_names),
         "cv_table": "| metric | mean ± std | runs |\n|---|---|---:|\n" + cv,
         "n_cases": str(int(ci["n_cases"]["point"])) if "n_cases" in ci else "?",
         "n_patients": str(int(ci["n_patients"]["point"])) if "n_patients" in ci else "?",
+        "unit": "lesion" if lld else "case",
+        "units": "lesions" if lld else "cases",
     }
-    return string.Template(path.read_text()).safe_substitute(values)
+    text = path.read_text()
+    if not lld:
+        text = neutral_card(text)
+    card = string.Template(text).safe_substitute(values)
+    if calibration:
+        b, a = calibration["before"], calibration["after"]
+        card = card.rstrip("\n") + (
+            "\n\n## Calibration\n"
+            f"Temperature {calibration['temperature']:.3f} (stored with the model, fitted on "
+            f"{calibration.get('fitted_on') or 'the validation split'}); on the pooled test predictions: ECE "
+            f"{b['ece']:.3f} -> {a['ece']:.3f}, MCE {b['mce']:.3f} -> {a['mce']:.3f}, Brier {b['brier']:.3f} -> "
+            f"{a['brier']:.3f}, NLL {b['nll']:.3f} -> {a['nll']:.3f}. `liverfusion.predict` applies it.\n"
+        )
+    return card
 
 
 def _to_wandb(
@@ -589,7 +801,7 @@ def format_console(
     shown = [m for m in metrics if any(r["metric"] == m for r in rows)]
     buf.write(f"{'arm':<28}" + "".join(f"{m:>26}" for m in shown) + "\n")
     for a in arms:
-        buf.write(f"{(a or 'runs')[:27]:<28}")
+        buf.write(f"{a[:27]:<28}")
         for m in shown:
             r = next((r for r in rows if r["arm"] == a and r["metric"] == m), None)
             cell = "" if r is None else f"{r['pooled']:.3f} [{r['pooled_low']:.3f},{r['pooled_high']:.3f}]"
@@ -601,20 +813,12 @@ def format_console(
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; a problem ends it with one line and exit status 2 (``liverfusion.utils.cli``)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("dirs", nargs="+", help="multirun / run folders (several: one arm family each)")
-    parser.add_argument("--out", default=None, help="output folder (default: <first DIR>/report)")
-    parser.add_argument("--names", nargs="*", default=None, help="a label per DIR")
-    parser.add_argument("--metric", default="lld_score", help="metric of the paired comparisons")
-    parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--embedding", choices=["tsne", "pca", "none"], default="tsne")
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--card-template", default=None)
-    parser.add_argument("--wandb", choices=["off", "offline", "online"], default="off")
-    args = parser.parse_args(argv)
+    # the parser and its --help page live in liverfusion.help (answered there without importing torch)
+    from liverfusion.help import build_parser
+    from liverfusion.utils.console import quiet_third_party
+
+    args = build_parser("report").parse_args(argv)
+    quiet_third_party()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     for d in args.dirs:  # before anything is written (the default output folder lies inside the first DIR)
         if not Path(d).is_dir():

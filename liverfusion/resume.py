@@ -8,7 +8,6 @@ corrupt checkpoint is reported and the newest readable one is used instead; noth
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -78,14 +77,11 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Di
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "run_dir", help="the run directory of the interrupted run (holds config_resolved.yaml)"
-    )
-    parser.add_argument("overrides", nargs="*", help="dotted key=value changes, e.g. trainer.max_epochs=50")
-    args = parser.parse_args(argv)
+    from liverfusion.help import build_parser  # the parser and its --help page live there (no torch import)
+    from liverfusion.utils.console import quiet_third_party
+
+    args = build_parser("resume").parse_args(argv)
+    quiet_third_party()
     from liverfusion.train import train
 
     cfg = resume_config(args.run_dir, args.overrides)

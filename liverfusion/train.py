@@ -222,7 +222,11 @@ def _has_best(trainer: L.Trainer) -> bool:
 def _hydra_main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    metrics, _ = train(cfg)
+    metrics, objects = train(cfg)
+    if objects["trainer"].is_global_zero:  # where the results are, as the run's last lines
+        from liverfusion.utils.console import run_outputs
+
+        print("\n".join(run_outputs(objects["output_dir"])), flush=True)
     name = cfg.get("optimized_metric")
     if name:
         if name not in metrics:
@@ -232,9 +236,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> float | None:
-    """Console script / ``python -m``: Hydra's own failures (a run folder that cannot be created, an unknown key on
-    the command line) get one line and exit status 2 too (``hydra_cli``)."""
-    return hydra_cli(_hydra_main)()
+    """Console script / ``python -m``: ``--help`` is the command's own page; Hydra's own failures (a run folder that
+    cannot be created, an unknown key on the command line) get one line and exit status 2 too (``hydra_cli``)."""
+    return hydra_cli(_hydra_main, config_name="train")()
 
 
 if __name__ == "__main__":

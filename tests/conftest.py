@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,10 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+# runs that leave paths.cache_dir at its per-user default must not fill the user's ~/.cache: one folder per session
+if "LIVERFUSION_CACHE_DIR" not in os.environ:
+    os.environ["LIVERFUSION_CACHE_DIR"] = tempfile.mkdtemp(prefix="liverfusion-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LIVERFUSION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

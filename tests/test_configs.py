@@ -11,10 +11,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from liverfusion.data.preprocess import PreprocessConfig
-from liverfusion.utils.hydra_utils import CONFIG_DIR
+from liverfusion.utils.hydra_utils import CONFIG_DIR, LATE_GROUPS, normalize_overrides
 
 CONF = Path(CONFIG_DIR)
-# groups that are options of train.yaml, selected with `group=option` (or `+group=option` when not in the defaults)
+# groups that are options of train.yaml, selected with `group=option`; the late groups (experiment, hparams_search,
+# debug) are appended after the defaults, with or without `+` (normalize_overrides, as the CLIs do)
 TRAIN_GROUPS = {
     "data": "",
     "model": "",
@@ -27,6 +28,8 @@ TRAIN_GROUPS = {
     "experiment": "+",
     "hparams_search": "",
 }
+PLACEHOLDER_DATA = {"template", "prepared"}
+"""Data configs to copy and fill in (their ??? keys), composed and checked in tests/test_own_data.py."""
 
 
 def options(group: str) -> list[str]:
@@ -36,7 +39,9 @@ def options(group: str) -> list[str]:
 def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
+        cfg = compose(
+            config_name="train", overrides=normalize_overrides("train", overrides), return_hydra_config=False
+        )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "out")
         cfg.paths.log_dir = str(tmp_path / "logs")
@@ -71,6 +76,12 @@ def test_every_group_has_options():
 def test_train_group_option_composes_and_instantiates(group, option, tmp_path):
     prefix = TRAIN_GROUPS[group]
     cfg = compose_train([f"{prefix}{group}={option}"], tmp_path)
+    if group == "data" and option in PLACEHOLDER_DATA:
+        missing = [
+            k for k in ("root", "modalities", "class_names") if OmegaConf.is_missing(cfg.data.layout, k)
+        ]
+        assert missing == ["root", "modalities", "class_names"], missing  # to fill in, and nothing else
+        return
     OmegaConf.resolve(cfg)  # every interpolation resolves
     dm = instantiate(cfg.data)
     spec = dm.data_spec()
@@ -110,9 +121,66 @@ def test_primary_configs_compose():
         assert cfg, name
 
 
-def test_experiment_is_not_in_primary_defaults():
-    text = (CONF / "train.yaml").read_text()
-    assert "- experiment" not in text
+def test_late_groups_are_not_in_primary_defaults():
+    """experiment, hparams_search and debug are appended by the entry points (in that order), never selected in
+    train.yaml's defaults: so `+experiment=x` (the front door) works and a debug preset composes last."""
+    defaults = OmegaConf.load(CONF / "train.yaml").defaults
+    selected = {next(iter(d)) for d in defaults if isinstance(d, DictConfig)}
+    assert selected and not selected & set(LATE_GROUPS), selected
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """Every leaf of a plain config tree as ``dotted.key -> value``."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def debug_values(preset: str) -> dict:
+    """What a debug preset sets (its shared building block _debug.yaml first), without its defaults list."""
+    values: dict = {}
+    for name in ("_debug", preset):
+        tree = OmegaConf.to_container(OmegaConf.load(CONF / "debug" / f"{name}.yaml"))
+        tree.pop("defaults", None)
+        values.update(_leaves(tree))
+    return values
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_debug_presets_win_over_every_experiment_in_either_order(experiment):
+    """Each debug preset's every value survives composition with each experiment, typed before or after it, with
+    or without `+`; the run folder is under logs/debug/ and the preset's logger is the one chosen."""
+    presets = options("debug")
+    assert {"fast", "overfit", "limit", "profiler"} <= set(presets)
+    for preset in presets:
+        want = debug_values(preset)
+        logger = next(
+            d[next(iter(d))]
+            for d in OmegaConf.load(CONF / "debug" / f"{preset}.yaml").defaults
+            if isinstance(d, DictConfig) and "logger" in next(iter(d))
+        )
+        for order in (
+            [f"+experiment={experiment}", f"debug={preset}"],
+            [f"debug={preset}", f"+experiment={experiment}"],
+            [f"+debug={preset}", f"experiment={experiment}"],
+        ):
+            GlobalHydra.instance().clear()
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                cfg = compose(
+                    "train", overrides=normalize_overrides("train", order), return_hydra_config=True
+                )
+            got = OmegaConf.to_container(cfg, resolve=False)
+            for key, value in want.items():
+                node = got
+                for part in key.split("."):
+                    node = node[part]
+                assert node == value, f"{order}: {key} = {node!r}, the preset says {value!r}"
+            assert cfg.hydra.runtime.choices.logger == logger, order
+            assert cfg.hydra.runtime.choices.experiment == experiment
+            assert "/debug/" in str(got["hydra"]["run"]["dir"])
 
 
 def test_regular_install_finds_conf(tmp_path):
@@ -199,3 +267,58 @@ def test_tuning_variants_compose(tmp_path):
             assert any(not torch.allclose(y, x) for y in outs), (
                 f"{name}: the augmentation never changed a case"
             )
+
+
+def _one_batch_overrides(tiny_phantom: Path, tmp_path: Path, experiment: str) -> list[str]:
+    """Tiny shapes for one experiment: the session's phantom in whichever layout the experiment reads."""
+    from tests.conftest import tiny_phantom_overrides
+
+    base = [
+        "data.num_workers=0",
+        "data.prep_workers=0",
+        "data.batch_size=4",
+        "data.preprocess.shape=[16,32,32]",
+    ]
+    data = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    reads_lldmmri = (
+        any(
+            isinstance(d, DictConfig) and d.get("override /data") == "lldmmri"
+            for d in (data.get("defaults") or [])
+        )
+        or experiment == "cgc_lldmmri"
+    )
+    if reads_lldmmri:  # the phantom is written in the LLD-MMRI layout: the real reader reads it
+        return [*base, f"data.layout.root={tiny_phantom}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    return [*tiny_phantom_overrides(tiny_phantom, tmp_path / "cache"), *base]
+
+
+SLOW_ONE_BATCH = {"lldmmri_baseline", "simsiam_pretrain_gpu"}
+"""ResNet-18 variants of a family that runs fast here (cgc_lldmmri, simsiam_pretrain): 15 s each on 2 cores."""
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    [pytest.param(e, marks=pytest.mark.slow) if e in SLOW_ONE_BATCH else e for e in options("experiment")],
+)
+def test_every_experiment_runs_one_batch_with_debug_fast(experiment, tiny_phantom, tmp_path):
+    """`debug=fast` (Lightning's fast_dev_run: one train and one validation batch) runs every experiment end to end
+    on the tiny phantom; classifiers start from scratch (no encoder.pt needed)."""
+    from liverfusion.train import train
+
+    cfg = compose_train(
+        [
+            f"+experiment={experiment}",
+            "debug=fast",
+            *_one_batch_overrides(tiny_phantom, tmp_path, experiment),
+        ],
+        tmp_path,
+    )
+    with open_dict(cfg):
+        if "init" in cfg.model:
+            cfg.model.init = "scratch"
+        cfg.extras.print_config = False
+    assert cfg.trainer.fast_dev_run is True and cfg.data.num_workers == 0
+    metrics, objects = train(cfg)
+    assert objects["trainer"].state.finished, experiment
+    losses = {k: v for k, v in metrics.items() if "loss" in k}
+    assert losses and all(v == v for v in losses.values()), f"{experiment}: no finite loss logged ({metrics})"

@@ -40,6 +40,17 @@ from liverfusion.utils.locks import FileLock
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+CACHE_DIR_ENV = "LIVERFUSION_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache folder (what ``paths.cache_dir`` resolves to in ``conf/paths/default.yaml``):
+    ``$LIVERFUSION_CACHE_DIR``, else ``$XDG_CACHE_HOME/liverfusion``, else ``~/.cache/liverfusion``. Not the launch
+    folder, so one data set started from two folders is preprocessed once (entries are keyed by content)."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or f"{os.environ.get('HOME', '.')}/.cache"
+    return Path(base) / "liverfusion"
 
 
 @dataclass

@@ -10,15 +10,13 @@ identifying values.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from liverfusion.prepare.app import run_prepare
 from liverfusion.utils.cli import cli_errors, hydra_cli
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from liverfusion.utils.hydra_utils import CONFIG_DIR
 
 
 @cli_errors

@@ -174,18 +174,34 @@ def run_folder_error(err: OSError) -> ConfigError:
     )
 
 
-def hydra_cli(hydra_main: F) -> F:
+def hydra_cli(hydra_main: F | None = None, *, config_name: str | None = None) -> Any:
     """Decorate a ``@hydra.main`` function (the console script / ``python -m`` entry): what Hydra itself fails on
     before the body runs (the run folder, an override) is one line and exit status 2 too, never Hydra's traceback.
 
     The body (decorated with ``cli_errors`` inside ``@hydra.main``) has already turned its own errors into an exit
-    status; what arrives here is Hydra's.
+    status; what arrives here is Hydra's. Before Hydra parses the command line: ``-h`` / ``--help`` prints the
+    command's own page (``liverfusion.help``) and exits 0; known third-party warnings are filtered
+    (``liverfusion.utils.console``); the late groups (experiment, hparams_search, debug) are rewritten so they are
+    taken with or without ``+`` and composed in their fixed order (``liverfusion.utils.search_path``).
+    ``config_name`` is the primary config (read from the ``@hydra.main`` decorator when not given). Usable bare
+    (``@hydra_cli``) or with arguments (``@hydra_cli(config_name="train")``).
     """
+    if hydra_main is None:
+        return functools.partial(hydra_cli, config_name=config_name)
 
     @functools.wraps(hydra_main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with _hydra_raises(), _secrets_out_of_argv():
+            name = _primary_config(sys.argv[1:]) or config_name or hydra_config_name(hydra_main)
+            if _wants_help(sys.argv[1:]):
+                from liverfusion.help import print_help_for_config
+
+                if print_help_for_config(name):
+                    sys.exit(0)
+            from liverfusion.utils.console import quiet_third_party
+
+            quiet_third_party()
+            with _hydra_raises(), _late_groups_in_argv(name), _secrets_out_of_argv():
                 return hydra_main(*args, **kwargs)
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -195,6 +211,59 @@ def hydra_cli(hydra_main: F) -> F:
             fail(err)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _wants_help(argv: list[str]) -> bool:
+    from liverfusion.help import wants_help
+
+    return wants_help(argv)
+
+
+def hydra_config_name(hydra_main: Callable[..., Any]) -> str | None:
+    """The ``config_name`` given to ``@hydra.main`` for this function (kept in the decorator's closure)."""
+    code = getattr(hydra_main, "__code__", None)
+    cells = getattr(hydra_main, "__closure__", None) or ()
+    if code is None:
+        return None
+    values = dict(zip(code.co_freevars, cells))
+    cell = values.get("config_name")
+    try:
+        value = cell.cell_contents if cell is not None else None
+    except ValueError:  # pragma: no cover  (an empty cell)
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _primary_config(argv: list[str]) -> str | None:
+    """``--config-name X`` / ``-cn X`` / ``--config-name=X`` on the command line."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config-name", "-cn") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config-name="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+@contextlib.contextmanager
+def _late_groups_in_argv(config_name: str | None) -> Iterator[None]:
+    """For this call, the overrides of ``sys.argv`` as ``normalize_overrides`` writes them (``+experiment=x`` and
+    ``experiment=x`` both work; a debug preset composes after the experiment whatever the order typed)."""
+    if not config_name:
+        yield
+        return
+    from liverfusion.utils.search_path import normalize_overrides
+
+    argv = list(sys.argv)
+    positions = [i for i, a in enumerate(argv[1:], start=1) if not a.startswith("-") and "=" in a]
+    # a flag's value (``--config-dir conf``, ``-cn train``) is not an override
+    positions = [i for i in positions if argv[i - 1] not in ("--config-dir", "-cd", "--config-path", "-cp")]
+    rewritten = normalize_overrides(config_name, [argv[i] for i in positions])
+    for i, arg in zip(positions, rewritten):
+        sys.argv[i] = arg
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
 
 
 # ---- secrets in Hydra's saved copies of the config ------------------------------------------------------------

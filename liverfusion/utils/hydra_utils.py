@@ -1,4 +1,10 @@
-"""Hydra glue shared by the entry points: config path, resolvers, instantiation of callback/logger groups."""
+"""Hydra glue shared by the entry points: config path, resolvers, instantiation of callback/logger groups.
+
+The configs are searched in ``./conf``, then ``LIVERFUSION_CONFIG_DIR``, then the package (``CONFIG_DIR``); the
+late groups (experiment, hparams_search, debug) are taken with or without ``+`` (``normalize_overrides``). Both are
+explained in :mod:`liverfusion.utils.search_path`; compose-API callers get the command line's behaviour with
+``compose(config_name, overrides=normalize_overrides(config_name, overrides))``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from liverfusion.utils.search_path import LATE_GROUPS, normalize_overrides, user_config_dirs
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,20 @@ def to_plain(obj: Any) -> Any:
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 """conf/ ships inside the package, so it is found from any working directory and from a regular install."""
+
+__all__ = [
+    "CONFIG_DIR",
+    "LATE_GROUPS",
+    "apply_extras",
+    "close_loggers",
+    "instantiate_group",
+    "normalize_overrides",
+    "print_config_tree",
+    "register_resolvers",
+    "save_resolved_config",
+    "to_plain",
+    "user_config_dirs",
+]
 
 
 def register_resolvers() -> None:
@@ -75,7 +97,9 @@ def apply_extras(cfg: DictConfig) -> None:
 
         torch.set_float32_matmul_precision(str(extras.matmul_precision))
     if extras.get("print_config") and os.environ.get("LOCAL_RANK", "0") == "0":
-        print_config_tree(cfg)
+        from liverfusion.utils.console import print_config
+
+        print_config(cfg, extras.get("print_config"))  # summary (default) | full | false
 
 
 def print_config_tree(cfg: DictConfig) -> None:

@@ -7,7 +7,7 @@
 - :class:`UnionLayout`: several of the above as one pool.
 """
 
-from liverfusion.data.layouts.base import LabelSpec, Layout, patient_from_case
+from liverfusion.data.layouts.base import LabelSpec, Layout, match_file, name_key, patient_from_case
 from liverfusion.data.layouts.folder import FolderLayout
 from liverfusion.data.layouts.generic import GenericLayout
 from liverfusion.data.layouts.lldmmri import LLDMMRILayout
@@ -22,5 +22,7 @@ __all__ = [
     "Layout",
     "PhantomLayout",
     "UnionLayout",
+    "match_file",
+    "name_key",
     "patient_from_case",
 ]

@@ -20,6 +20,35 @@ DEFAULT_PATIENT_REGEX = r"^(?P<patient>.+?)(?:_\d+)?$"
 UNLABELLED_VALUES = {"", "-1", "nan", "none", "na", "n/a"}
 
 
+def name_key(name: str) -> str:
+    """How a file name is compared with the name a layout expects: case-insensitive, and runs of spaces and
+    underscores count as one ``_`` (a re-post names ``In Phase.nii.gz`` ``in_phase.nii.gz``)."""
+    return re.sub(r"[\s_]+", "_", str(name).strip().lower())
+
+
+def match_file(folder: Path, expected: str, case: str, what: str = "") -> Path:
+    """The file of ``folder`` named ``expected`` up to ``name_key`` (``folder / expected`` itself when no file
+    matches: the layout then reports it missing). Two files of the case matching the same name is an error:
+    which one is the modality cannot be guessed."""
+    exact = folder / expected
+    try:
+        entries = [p for p in folder.iterdir() if p.is_file()]
+    except OSError:
+        return exact
+    want = name_key(expected)
+    found = sorted(p for p in entries if name_key(p.name) == want)
+    if len(found) > 1:
+        names = ", ".join(repr(p.name) for p in found)
+        raise DataError(
+            f"files {names} all match {what or repr(expected)} (names are compared ignoring case and spaces vs "
+            "underscores)",
+            path=folder,
+            case=case,
+            fix="keep one of them in the case folder (move the other out)",
+        )
+    return found[0] if found else exact
+
+
 def patient_from_case(case_id: str, regex: str = DEFAULT_PATIENT_REGEX) -> str:
     """Patient id of a case by a regex with a ``patient`` group (or the first group)."""
     m = re.match(regex, case_id)

@@ -1,5 +1,8 @@
 """The generic layout: ``<root>/<subjects_dir>/<case>/<file>`` + a labels CSV with configurable columns.
 
+Modality file names are matched ignoring case and spaces vs underscores (``T1 Post.nii.gz`` is ``t1_post``); two
+files of one case matching the same modality is an error naming both.
+
 This is what ``liverfusion.prepare`` writes, and how the LGG set loads with nothing but ``conf/data/lgg.yaml``.
 """
 
@@ -12,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from liverfusion.data.case import Case
-from liverfusion.data.layouts.base import Layout, patient_from_case
+from liverfusion.data.layouts.base import Layout, match_file, patient_from_case
 from liverfusion.errors import DataError
 
 
@@ -71,7 +74,12 @@ class GenericLayout(Layout):
             )
             patient = str(row[self.patient_column]).strip() if self.patient_column else ""
             images = {
-                m: folder / self.modality_files.get(m, self.file_pattern.format(modality=m))
+                m: match_file(
+                    folder,
+                    self.modality_files.get(m, self.file_pattern.format(modality=m)),
+                    case_id,
+                    f"modality {m!r}",
+                )
                 for m in self.modalities
             }
             case = Case(
@@ -79,9 +87,7 @@ class GenericLayout(Layout):
                 patient_id=patient or patient_from_case(case_id, self.patient_regex),
                 images=images,
                 label=label,
-                mask=(folder / self.mask_file)
-                if self.mask_file and (folder / self.mask_file).is_file()
-                else None,
+                mask=self._mask(folder, case_id),
             )
             for modality, column in self.missing_flags.items():
                 if str(row[column]).strip() in {"0", "0.0", "false", "False"}:
@@ -89,3 +95,9 @@ class GenericLayout(Layout):
                     case.notes.append(f"modality {modality!r} flagged missing by column {column!r}")
             cases.append(case)
         return cases
+
+    def _mask(self, folder: Path, case_id: str) -> Path | None:
+        if not self.mask_file:
+            return None
+        path = match_file(folder, self.mask_file, case_id, "the mask file")
+        return path if path.is_file() else None

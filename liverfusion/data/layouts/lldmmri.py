@@ -2,6 +2,8 @@
 
 ``<root>/images/<case>/<Phase>.nii.gz`` and ``<root>/labels.txt`` with lines ``<case> <label>`` (-1 = unlabelled).
 The release's cross-validation lists ``train_foldK.txt`` / ``val_foldK.txt`` hold lines of the same form.
+Phase file names are matched ignoring case and spaces vs underscores (a re-post's ``In_Phase.nii.gz`` is
+``In Phase``); two files of one case matching the same phase is an error naming both.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from liverfusion.data.case import Case
-from liverfusion.data.layouts.base import Layout, patient_from_case
+from liverfusion.data.layouts.base import Layout, match_file, patient_from_case
 from liverfusion.errors import DataError
 
 LLD_MMRI_PHASES = ["T2WI", "DWI", "In Phase", "Out Phase", "C-pre", "C+A", "C+V", "C+Delay"]
@@ -75,7 +77,9 @@ class LLDMMRILayout(Layout):
         return cases
 
     def _case(self, case_id: str, label: int | None, folder: Path) -> Case:
-        images = {m: folder / f"{m}{self.extension}" for m in self.modalities}
+        images = {
+            m: match_file(folder, f"{m}{self.extension}", case_id, f"phase {m!r}") for m in self.modalities
+        }
         mask = None
         if self.mask_dir:
             name = self.mask_modality or self.modalities[0]
