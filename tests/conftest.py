@@ -1,4 +1,6 @@
-"""Shared fixtures. Real-data tests find ../shared/data through LIVERFUSION_SHARED_DATA: unset -> skip, set -> must run."""
+"""Shared fixtures. Real-data tests find ../shared/data through LIVERFUSION_SHARED_DATA: unset -> skip, set -> must run.
+
+Plain helpers (no fixture) live in tests/helpers.py; test files import them from there, never from this file."""
 
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ if "LIVERFUSION_CACHE_DIR" not in os.environ:
     os.environ["LIVERFUSION_CACHE_DIR"] = tempfile.mkdtemp(prefix="liverfusion-test-cache-")
     atexit.register(shutil.rmtree, os.environ["LIVERFUSION_CACHE_DIR"], ignore_errors=True)
 
+# after the environment above: the helpers import the package; re-exported for test files that import this module
+from tests.helpers import TINY_PHANTOM, shared_subdir, tiny_phantom_overrides  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -28,16 +33,6 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.fail(f"LIVERFUSION_SHARED_DATA={value} is set but {path} does not exist")
     return path
-
-
-def shared_subdir(root: Path, name: str) -> Path:
-    sub = root / name
-    if not sub.is_dir():
-        pytest.fail(f"LIVERFUSION_SHARED_DATA is set but {sub} is missing")
-    return sub
-
-
-TINY_PHANTOM = {"n_cases": 48, "seed": 11, "shape": [16, 32, 32]}
 
 
 @pytest.fixture(scope="session")
@@ -56,19 +51,3 @@ def tiny_phantom(tmp_path_factory) -> Path:
         progress=False,
     )
     return root
-
-
-def tiny_phantom_overrides(root: Path, cache: Path) -> list[str]:
-    """Hydra overrides that point data=phantom at the session's tiny phantom."""
-    return [
-        f"paths.data_dir={root.parent}",
-        f"paths.cache_dir={cache}",
-        f"data.layout.n_cases={TINY_PHANTOM['n_cases']}",
-        f"data.layout.seed={TINY_PHANTOM['seed']}",
-        f"data.layout.shape=[{','.join(str(s) for s in TINY_PHANTOM['shape'])}]",
-        "data.preprocess.shape=[16,32,32]",
-        "data.num_workers=0",
-        "data.prep_workers=0",
-        "data.batch_size=4",
-        "extras.print_config=false",
-    ]

@@ -1,14 +1,51 @@
-"""Tiny on-disk data sets for tests (written with the package's own writer)."""
+"""Plain helpers shared by test files (fixtures are in conftest.py): tiny on-disk data sets written with the
+package's own writer, the Hydra overrides that point a run at the session's tiny phantom, the shared real data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from liverfusion.data.io import save_volume
 
 PHASES = ["T2WI", "DWI", "C+A"]
+TINY_ENCODER = {
+    "name": "resnet3d",
+    "arch": "resnet10",
+    "widths": [4, 8, 8, 8],
+    "stem_kernel": 3,
+    "pool_stride": [1, 2, 2],
+    "stage_strides": [1, 2, 2, 1],
+}
+"""A ResNet-10 of widths 4-8-8-8 that keeps a spatial map for 6x16x16 to 8x16x16 inputs: the tests' encoder."""
+TINY_PHANTOM = {"n_cases": 48, "seed": 11, "shape": [16, 32, 32]}
+"""The request of conftest's session-wide ``tiny_phantom`` fixture."""
+
+
+def tiny_phantom_overrides(root: Path, cache: Path) -> list[str]:
+    """Hydra overrides that point data=phantom at the session's tiny phantom (``root``, the fixture's folder)."""
+    return [
+        f"paths.data_dir={root.parent}",
+        f"paths.cache_dir={cache}",
+        f"data.layout.n_cases={TINY_PHANTOM['n_cases']}",
+        f"data.layout.seed={TINY_PHANTOM['seed']}",
+        f"data.layout.shape=[{','.join(str(s) for s in TINY_PHANTOM['shape'])}]",
+        "data.preprocess.shape=[16,32,32]",
+        "data.num_workers=0",
+        "data.prep_workers=0",
+        "data.batch_size=4",
+        "extras.print_config=false",
+    ]
+
+
+def shared_subdir(root: Path, name: str) -> Path:
+    """A data set of the shared real data (the ``shared_data`` fixture's folder); missing -> the test fails."""
+    sub = root / name
+    if not sub.is_dir():
+        pytest.fail(f"LIVERFUSION_SHARED_DATA is set but {sub} is missing")
+    return sub
 
 
 def write_lld_like(

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from liverfusion.utils.hydra_utils import CONFIG_DIR
-from tests.conftest import tiny_phantom_overrides
+from tests.helpers import tiny_phantom_overrides
 
 N_FOLDS = 3
 

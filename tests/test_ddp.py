@@ -27,19 +27,11 @@ from liverfusion.data.mda import MDADataModule
 from liverfusion.models import build_encoder
 from liverfusion.modules.simsiam import SimSiam
 from liverfusion.modules.ssl_base import ssl_config
-from tests.helpers import PHASES, write_lld_like
+from tests.helpers import PHASES, TINY_ENCODER, write_lld_like
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (6, 16, 16)
 CLASSES = ["a", "b", "c"]
-TINY_ENCODER = {
-    "name": "resnet3d",
-    "arch": "resnet10",
-    "widths": [4, 8, 8, 8],
-    "stem_kernel": 3,
-    "pool_stride": [1, 2, 2],
-    "stage_strides": [1, 2, 2, 1],
-}
 SPLIT = {"n_folds": 3, "test_fraction": 0.25, "seed": 0}
 
 

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from liverfusion import demo
 from liverfusion.utils.hydra_utils import CONFIG_DIR
-from tests.conftest import tiny_phantom_overrides
+from tests.helpers import tiny_phantom_overrides
 
 PRIMARY = {
     "liverfusion.train": "train",

@@ -115,6 +115,7 @@ def test_loss_of_identical_p_and_z_is_minus_one():
     assert negative_cosine_similarity(z, z).item() == pytest.approx(-1.0, abs=1e-6)
     assert negative_cosine_similarity(z, -3 * z).item() == pytest.approx(1.0, abs=1e-6)
     assert SimSiamLoss()(z, 2 * z, 0.5 * z, z).item() == pytest.approx(-1.0, abs=1e-6)
+    assert SimSiamLoss()(z, z, -z, -z).item() == pytest.approx(1.0, abs=1e-6)  # the upper bound
 
 
 def test_symmetric_loss_formula():
@@ -130,20 +131,6 @@ def test_gradients_never_reach_the_stop_gradient_branch():
     SimSiamLoss()(p1, p2, z1, z2).backward()
     assert z1.grad is None and z2.grad is None
     assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
-
-
-def test_gradient_reaches_z_only_through_the_predictor():
-    """In a real SimSiam graph z feeds the predictor; its gradient must equal the predictor path's alone."""
-    torch.manual_seed(0)
-    pred = PredictionHead(8, 4, 8)
-    z1, z2 = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
-    loss = SimSiamLoss()(pred(z1), pred(z2), z1, z2)
-    g1, g2 = torch.autograd.grad(loss, (z1, z2))
-    # same loss with the targets as constants: identical gradients, so the target branch contributes nothing
-    c1, c2 = z1.detach().clone(), z2.detach().clone()
-    h1, h2 = torch.autograd.grad(SimSiamLoss()(pred(z1), pred(z2), c1, c2), (z1, z2))
-    torch.testing.assert_close(g1, h1)
-    torch.testing.assert_close(g2, h2)
 
 
 def test_collapse_metric_random_vs_constant():

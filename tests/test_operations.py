@@ -20,7 +20,7 @@ from liverfusion.errors import CheckpointError
 from liverfusion.resume import find_resume_checkpoint
 from liverfusion.train import train
 from liverfusion.utils.hydra_utils import CONFIG_DIR
-from tests.conftest import tiny_phantom_overrides
+from tests.helpers import tiny_phantom_overrides
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
 STEPS_PER_EPOCH_ARGS = ["data.batch_size=4", "data.pairs.policy=cross"]

@@ -1,7 +1,7 @@
 """The embedded phantom: layout, determinism, refusal rules, CLI, and the proof that it needs multi-phase fusion.
 
 The fusion test generates a fresh set with seed 20231, a seed no tuning used (tuning seeds: 101, 102, 103, 104, see
-liverfusion/data/phantom.py), and measures its features from the written NIfTI files and sidecar masks.
+liverfusion/data/phantom/__init__.py), and measures its features from the written NIfTI files and sidecar masks.
 """
 
 from __future__ import annotations

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared_subdir
 from hydra import compose, initialize_config_dir
 
 import liverfusion
 from liverfusion.prepare.app import run_prepare
+from tests.helpers import shared_subdir
 
 CONF = str(Path(liverfusion.__file__).resolve().parent / "conf")
 SEQS = ("t2w_tra", "adc", "hbv_calc")

@@ -1,5 +1,6 @@
-"""SimSiam LightningModule: stop-gradient, loss bounds, collapse metric and alarm, lr groups and scaling, kNN monitor,
-online probe, NaN handling and the encoder.pt export."""
+"""SimSiam LightningModule: stop-gradient in the module's graph, collapse alarm, lr groups and scaling, kNN monitor,
+online probe, NaN handling and the encoder.pt export. The loss, its stop-gradient and the collapse metric as such:
+test_heads_losses.py."""
 
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from liverfusion.data.layouts import LLDMMRILayout
 from liverfusion.data.mda import MDADataModule
+from liverfusion.metrics.knn import knn_predict
 from liverfusion.models import build_encoder
-from liverfusion.models.collapse import L2NormalizedStd, collapse_level
 from liverfusion.models.losses import SimSiamLoss
-from liverfusion.modules.knn import knn_predict
 from liverfusion.modules.simsiam import SimSiam
 from liverfusion.modules.ssl_base import (
     ENCODER_FORMAT,
@@ -28,17 +28,9 @@ from liverfusion.modules.ssl_base import (
     load_encoder_payload,
     ssl_config,
 )
-from tests.helpers import PHASES, write_lld_like
+from tests.helpers import PHASES, TINY_ENCODER, write_lld_like
 
 SHAPE = (6, 16, 16)
-TINY_ENCODER = {
-    "name": "resnet3d",
-    "arch": "resnet10",
-    "widths": [4, 8, 8, 8],
-    "stem_kernel": 3,
-    "pool_stride": [1, 2, 2],
-    "stage_strides": [1, 2, 2, 1],
-}
 
 
 SPEC = {
@@ -116,13 +108,10 @@ def metrics_rows(tmp_path: Path) -> list[dict]:
 # ---- the loss and its stop-gradient ----
 
 
-def test_gradients_never_reach_the_stop_gradient_branch():
-    p1, p2, z1, z2 = (torch.randn(8, 16, requires_grad=True) for _ in range(4))
-    SimSiamLoss()(p1, p2, z1, z2).backward()
-    assert z1.grad is None and z2.grad is None
-    assert p1.grad is not None and p1.grad.abs().sum() > 0
-
-    model = tiny_model()  # in the model z1 also feeds p1; only that path may carry its gradient
+def test_in_the_model_z_gets_its_gradient_only_through_the_predictor():
+    """The module's own graph (z1 also feeds p1): only the predictor path may carry z's gradient. The loss itself,
+    its bounds and the collapse metric are tested in test_heads_losses.py."""
+    model = tiny_model()
     batch = views_batch()
     z_grads = []
     handle = model.projector.register_full_backward_hook(lambda m, gi, go: z_grads.append(go[0].clone()))
@@ -135,23 +124,6 @@ def test_gradients_never_reach_the_stop_gradient_branch():
     z1r, z2r = z1.detach().requires_grad_(), z2.detach().requires_grad_()
     SimSiamLoss()(model.predictor(z1r), model.predictor(z2r), z1.detach(), z2.detach()).backward()
     assert torch.allclose(z_grads[1], z1r.grad, atol=1e-6) and torch.allclose(z_grads[0], z2r.grad, atol=1e-6)
-
-
-def test_loss_of_identical_p_and_z_is_minus_one():
-    x = torch.randn(5, 32)
-    assert SimSiamLoss()(x, x, x, x).item() == pytest.approx(-1.0, abs=1e-6)
-    assert SimSiamLoss()(x, x, -x, -x).item() == pytest.approx(1.0, abs=1e-6)
-
-
-def test_collapse_metric_zero_for_random_unit_vectors_one_for_constant():
-    d = 64
-    metric = L2NormalizedStd(d)
-    for _ in range(8):  # accumulates over batches like an epoch
-        metric.update(torch.randn(512, d))
-    assert abs(collapse_level(float(metric.compute()), d)) < 0.02
-    metric.reset()
-    metric.update(torch.ones(256, d) * 3.0)
-    assert collapse_level(float(metric.compute()), d) == pytest.approx(1.0, abs=1e-6)
 
 
 # ---- optimiser groups and the lr rule ----

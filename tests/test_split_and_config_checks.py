@@ -21,8 +21,7 @@ from liverfusion.data.mda import MDADataModule
 from liverfusion.data.splits import SPLIT_FORMAT, Splits, make_splits, splits_from_case_lists
 from liverfusion.errors import ConfigError, DataError
 from liverfusion.utils.hydra_utils import CONFIG_DIR
-from tests.conftest import tiny_phantom_overrides
-from tests.helpers import PHASES, write_lld_like
+from tests.helpers import PHASES, tiny_phantom_overrides, write_lld_like
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from liverfusion.modules.frozen_features import (
     frozen_features,
     recalibrate_batchnorm,
 )
-from tests.helpers import PHASES, write_lld_like
+from tests.helpers import PHASES, TINY_ENCODER, write_lld_like
 
 N, M, D = 60, 8, 16
 
@@ -207,14 +207,6 @@ def test_ssl_diagnostics_record_and_leakage_refusal():
 # ---- frozen features of a tiny data set ----
 
 SHAPE = (6, 16, 16)
-TINY_ENCODER = {
-    "name": "resnet3d",
-    "arch": "resnet10",
-    "widths": [4, 8, 8, 8],
-    "stem_kernel": 3,
-    "pool_stride": [1, 2, 2],
-    "stage_strides": [1, 2, 2, 1],
-}
 
 
 @pytest.fixture(scope="module")

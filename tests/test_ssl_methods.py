@@ -32,16 +32,9 @@ from liverfusion.modules.simsiam import SimSiam
 from liverfusion.modules.ssl_base import ENCODER_FORMAT, RawStd, load_encoder_payload, ssl_config
 from liverfusion.modules.vicreg import VICReg
 from liverfusion.utils.hydra_utils import CONFIG_DIR
+from tests.helpers import TINY_ENCODER as TINY
 
 SHAPE = (8, 16, 16)
-TINY = {
-    "name": "resnet3d",
-    "arch": "resnet10",
-    "widths": [4, 8, 8, 8],
-    "stem_kernel": 3,
-    "pool_stride": [1, 2, 2],
-    "stage_strides": [1, 2, 2, 1],
-}
 MODS = ["T2WI", "DWI", "C+A"]
 PRE = {"shape": list(SHAPE), "mode": "resize", "normalize": "percentile", "percentiles": [0.5, 99.5]}
 SPEC = {
@@ -597,7 +590,9 @@ def test_knn_monitor_features_follow_the_backbone(backbone, width):
         model.validation_step(batch, 0, dataloader_idx=idx)
     feats, labels, probe = model._collected(1, with_probe=True)
     assert feats.shape == (n, width) and labels.tolist() == [0, 1, 2] and probe.shape == (n, 3)
-    assert model.case_features(image, present).shape == (n, width)
+    # the kNN input: each slot's features l2-normalised (a missing modality's slot zero), concatenated
+    per_slot, mask = model.monitor_features(image, present)
+    torch.testing.assert_close(feats.reshape(per_slot.shape).norm(dim=-1), mask.float())
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

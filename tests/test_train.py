@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from liverfusion.train import train
 from liverfusion.utils.hydra_utils import CONFIG_DIR
-from tests.conftest import tiny_phantom_overrides
+from tests.helpers import tiny_phantom_overrides
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+
+
+def logged(run_dir: Path, key: str) -> list[float]:
+    """Every value of ``key`` in the run's CSV log, in step order."""
+    (path,) = run_dir.rglob("metrics.csv")
+    with open(path, newline="") as fh:
+        return [float(r[key]) for r in csv.DictReader(fh) if r.get(key)]
 
 
 def test_train_function_fits_and_returns_metrics(tiny_phantom, tmp_path):
@@ -26,6 +35,7 @@ def test_train_function_fits_and_returns_metrics(tiny_phantom, tmp_path):
         "trainer.max_epochs=1",
         "callbacks=none",
         "trainer.check_val_every_n_epoch=1",
+        "trainer.log_every_n_steps=1",
         *tiny_phantom_overrides(tiny_phantom, tmp_path / "cache"),
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -33,7 +43,10 @@ def test_train_function_fits_and_returns_metrics(tiny_phantom, tmp_path):
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     metrics, objects = train(cfg)
-    assert "train/loss_epoch" in metrics and metrics["train/loss_epoch"] < 1.0
+    steps = logged(tmp_path / "run", "train/loss_step")
+    assert len(steps) >= 2 and all(-1.0 <= v <= 1.0 for v in steps)  # a negative cosine per step
+    # the returned epoch loss is the mean of that epoch's step losses (full batches: drop_last)
+    assert metrics["train/loss_epoch"] == pytest.approx(sum(steps) / len(steps), abs=1e-5)
     assert "train/z_std" in metrics
     assert (tmp_path / "run" / "config_resolved.yaml").is_file()
     assert (tmp_path / "run" / "splits.json").is_file()

@@ -24,7 +24,7 @@ from liverfusion.evaluate import PredictionSet
 from liverfusion.train import train
 from liverfusion.utils.hydra_utils import CONFIG_DIR
 from liverfusion.utils.privacy import hash_id, ids_in_text, without_secrets
-from tests.conftest import tiny_phantom_overrides
+from tests.helpers import tiny_phantom_overrides
 
 SALT = "pepper-9f3a1c"
 WANDB_DIRS = ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR")

@@ -9,8 +9,8 @@ and no patient is both fitted and scored; :func:`ssl_diagnostics` refuses a trai
 patient. The probes' L2 strength is chosen by patient-grouped cross-validation inside the training cases, never
 on the held-out ones.
 
-- class kNN macro-F1: the weighted cosine kNN of :mod:`liverfusion.modules.knn` (the SSL monitor's) on case
-  vectors (each modality's feature l2-normalised, concatenated);
+- class kNN macro-F1: the weighted cosine kNN of :mod:`liverfusion.metrics.knn` (the SSL monitor's) on case
+  vectors (:func:`~liverfusion.metrics.knn.case_vectors`: each modality's feature l2-normalised, concatenated);
 - class linear probe macro-F1: a multinomial logistic regression (L-BFGS, standardised features, classes
   weighted to balance: macro-F1 weighs every class alike) on the concatenated raw features;
 - phase-ID accuracy: the same probe on one modality's feature -> its modality index (chance 1/M): whether the
@@ -36,8 +36,8 @@ from torch import Tensor
 from torchmetrics.functional.classification import multiclass_f1_score
 
 from liverfusion.errors import DataError
+from liverfusion.metrics.knn import case_vectors, knn_scores
 from liverfusion.models.collapse import std_of_l2_normalized
-from liverfusion.modules.knn import knn_scores
 
 # L2 strengths tried by the probes' grouped cross-validation (penalty l2 * ||W||^2 on a mean cross-entropy of
 # standardised features); the largest of equally good values wins (the simpler probe).
@@ -121,15 +121,6 @@ class FeatureSet:
 
 
 # ---- feature views ----
-
-
-def case_vectors(features: ArrayLike, present: ArrayLike | None = None, normalise: bool = True) -> Tensor:
-    """(N, M * F): each case's modality features concatenated, zeros where missing; with ``normalise`` each
-    modality's feature is l2-normalised first (the cosine of two vectors is then the mean per-phase cosine)."""
-    x, mask = as_features(features, present)
-    if normalise:
-        x = F.normalize(x, dim=-1)
-    return (x * mask.unsqueeze(-1)).flatten(1)
 
 
 def modality_samples(features: ArrayLike, present: ArrayLike | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -299,8 +290,8 @@ def knn_macro_f1(
     temperature: float = 0.07,
 ) -> dict[str, float]:
     """kNN macro-F1 and accuracy: the labelled training cases are the bank, the held-out cases the queries."""
-    bank = case_vectors(train_features, train_present)
-    query = case_vectors(test_features, test_present)
+    bank = case_vectors(*as_features(train_features, train_present))
+    query = case_vectors(*as_features(test_features, test_present))
     scores = knn_scores(
         bank,
         _tensor(train_labels, torch.int64),

@@ -7,7 +7,7 @@ the ``early`` fusion baseline, which stacks the modalities as input channels of 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from liverfusion.errors import CheckpointError, ConfigError
+from liverfusion.utils.plain import to_plain as plain  # the one plain conversion, under the name models use
 
 # Keys of classification / segmentation heads found in MONAI or MedicalNet weight files: they are not part of an
 # encoder, so they are dropped (and reported) rather than counted as unexpected.
@@ -49,15 +50,6 @@ class Encoder(nn.Module, abc.ABC):
 
         Stored in checkpoints so a loader can refuse weights of another architecture.
         """
-
-
-def plain(value: Any) -> Any:
-    """Tuples, OmegaConf lists/dicts etc. as plain lists/dicts, so configs compare equal and pickle safely."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return [plain(v) for v in value]
-    return value
 
 
 def layer_spec(value: str | Sequence[Any]) -> str | tuple:

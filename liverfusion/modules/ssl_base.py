@@ -26,13 +26,12 @@ from torchmetrics.functional.classification import multiclass_f1_score
 
 import liverfusion
 from liverfusion.errors import ConfigError, LiverfusionError
+from liverfusion.metrics.knn import case_vectors, knn_scores
 from liverfusion.models.collapse import L2NormalizedStd, collapse_level
-from liverfusion.models.encoder_base import plain
 from liverfusion.models.ssl_backbone import build_backbone, fusion_config
-from liverfusion.modules.knn import knn_scores
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, scaled_lr, split_decay
 from liverfusion.utils.checkpoint_io import save_atomic
-from liverfusion.utils.hydra_utils import to_plain
+from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +290,7 @@ class SSLModule(L.LightningModule, abc.ABC):
         config_of = getattr(self.encoder, "config", None)
         hparams["encoder_config"] = config_of() if callable(config_of) else None
         hparams["data_spec"] = self.data_spec
-        self.save_hyperparameters(to_plain(plain(hparams)))
+        self.save_hyperparameters(to_plain(hparams))
 
     def _checked_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
         schema = dict(BASE_SCHEMA)
@@ -591,18 +590,12 @@ class SSLModule(L.LightningModule, abc.ABC):
         backbone (missing ones zero), one fused slot for a stack backbone."""
         return self.backbone.monitor_features(image, present, self.prepare_input)
 
-    @torch.no_grad()
-    def case_features(self, image: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """The kNN input: each slot's features l2-normalised, concatenated (N, S * F) (for the modality backbone as
-        :func:`liverfusion.modules.knn.case_features`)."""
-        return F.normalize(self.monitor_features(image, present)[0], dim=-1).flatten(1)
-
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not (self.knn_cfg["enabled"] or self.probe is not None):
             return
         per_slot, mask = self.monitor_features(batch["image"], batch["present"])
         store = self._val.setdefault(dataloader_idx, {"feats": [], "labels": [], "index": [], "probe": []})
-        store["feats"].append(F.normalize(per_slot, dim=-1).flatten(1).float())
+        store["feats"].append(case_vectors(per_slot, mask).float())  # the kNN input
         store["labels"].append(torch.as_tensor(batch["label"], device=self.device))
         store["index"].append(torch.as_tensor(batch["index"], device=self.device))
         if self.probe is not None and dataloader_idx == QUERY:

@@ -11,30 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from liverfusion.utils.plain import to_plain  # noqa: F401  (re-exported: the one helper)
 from liverfusion.utils.search_path import LATE_GROUPS, normalize_overrides, user_config_dirs
 
 log = logging.getLogger(__name__)
-
-
-def to_plain(obj: Any) -> Any:
-    """OmegaConf containers, tuples and paths as plain dicts/lists/str, recursively: what ``torch.load`` with
-    ``weights_only=True`` can read back, what W&B metadata accepts, and what modules keep as their settings."""
-    if isinstance(obj, DictConfig | ListConfig):
-        obj = OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
