@@ -410,13 +410,13 @@ def write_results(
             "",
             "Frozen-feature diagnostics (chance: phase-ID 0.125):",
             "",
-            "| recipe | kNN macro-F1 | linear probe macro-F1 | phase-ID accuracy | retrieval top-1 | collapse |",
+            "| recipe | kNN macro-F1 | linear probe macro-F1 | phase-ID accuracy | retrieval top-1 | collapse std (0 = collapsed) |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for d in diag:
             lines.append(
                 f"| {d['recipe']} | {fmt(d.get('knn_macro_f1'))} | {fmt(d.get('linear_probe_macro_f1'))} | "
-                f"{fmt(d.get('phase_id_accuracy'))} | {fmt(d.get('retrieval_top1'))} | {fmt(d.get('collapse'))} |"
+                f"{fmt(d.get('phase_id_accuracy'))} | {fmt(d.get('retrieval_top1'))} | {fmt(d.get('collapse_std'))} |"
             )
     if curves:
         lines += ["", "Pre-training (kNN monitor per epoch; `figures/.../learning_curves.png`):", ""]
