@@ -79,6 +79,7 @@ KEYS = (
     "print_table",
     "explain",
     "explain_method",
+    "explain_layer",
     "input_kind",
     "rules",
     "key_file",
@@ -402,7 +403,9 @@ def _explain(
     """Grad-CAM maps, sheets and occlusion importance of every case (``explain=true``)."""
     from liverfusion.evaluation.explain import CamExplainer, explain_case
 
-    explainer = CamExplainer([m.net for m in models], method=str(s["explain_method"]))
+    explainer = CamExplainer(
+        [m.net for m in models], method=str(s["explain_method"]), layer=str(s.get("explain_layer", "fusion"))
+    )
     index = {c: i for i, c in enumerate(preds.case_ids)}
     out.mkdir(parents=True, exist_ok=True)
     result = {}

@@ -25,7 +25,7 @@ from liverfusion.predict import run_predict
 from liverfusion.utils.hydra_utils import CONFIG_DIR
 from tests.test_evaluate import _evaluate, _train_tiny
 
-N_CASES = 12
+N_CASES = 20  # the "folder of 20 unlabelled case folders (some with a phase removed)"
 REMOVED = {1: ["DWI"], 4: ["C+A", "In Phase"], 7: ["T2WI"]}  # case index -> phases deleted from its folder
 
 
@@ -625,3 +625,18 @@ def test_predict_speed_benchmark_on_a_tiny_setting(tmp_path):
     # resumable: a second run keeps the finished configuration
     assert predict_speed.main(args) == 0
     assert json.loads((tmp_path / "r" / "s.json").read_text())["configurations"]["cpu/none"] == cpu
+
+
+def test_explain_layer_choice_names_the_stage_and_refuses_unknown_ones():
+    from types import SimpleNamespace
+
+    from liverfusion.errors import ConfigError
+    from liverfusion.evaluation.explain import target_layer
+
+    net = SimpleNamespace(
+        encoder=SimpleNamespace(stages=[0, 1, 2, 3], spatial_dims=3), fusion=SimpleNamespace(consumes="map")
+    )
+    assert target_layer(net) == "dense.encoder.layer4"  # the stage the fusion block reads
+    assert target_layer(net, "layer2") == "dense.encoder.layer2"
+    with pytest.raises(ConfigError, match=r"explain_layer='layer9'.*layer1"):
+        target_layer(net, "layer9")

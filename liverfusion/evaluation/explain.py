@@ -54,9 +54,17 @@ class _WithMask(nn.Module):
         return self.dense(x, self.present)
 
 
-def target_layer(net: nn.Module) -> str:
-    """The encoder layer whose activations the fusion block depends on (a name inside ``_WithMask``)."""
+def target_layer(net: nn.Module, layer: str = "fusion") -> str:
+    """The encoder layer Grad-CAM reads (a name inside ``_WithMask``): ``fusion`` = the one whose activations the
+    fusion block depends on; ``layer1``..``layerN`` = an earlier, finer stage (the last stage of a small crop is a
+    few voxels wide, e.g. 2x4x4 at 16x64x64, so its map can hardly localise)."""
     enc = net.encoder
+    if layer != "fusion":
+        stages = len(getattr(enc, "stages", ()))
+        names = [f"layer{i}" for i in range(1, stages + 1)]
+        if layer not in names:
+            raise ConfigError(f"explain_layer={layer!r}: choose fusion or one of {names}")
+        return f"dense.encoder.{layer}"
     if getattr(enc, "spatial_dims", 3) != 3 or not hasattr(enc, "stages"):
         raise ConfigError(
             f"explain=true: the {getattr(enc, 'name', type(enc).__name__)} encoder has no 3D feature maps to explain",
@@ -71,17 +79,17 @@ def target_layer(net: nn.Module) -> str:
 class CamExplainer:
     """Grad-CAM (or Grad-CAM++) of a model or ensemble, hooks registered once and reused for every case."""
 
-    def __init__(self, nets: Sequence[nn.Module], method: str = "gradcam"):
+    def __init__(self, nets: Sequence[nn.Module], method: str = "gradcam", layer: str = "fusion"):
         from monai.visualize import GradCAM, GradCAMpp
 
         if method not in METHODS:
             raise ConfigError(f"explain_method={method!r}: choose one of {METHODS}")
         cls = GradCAM if method == "gradcam" else GradCAMpp
         self.method, self.early = method, nets[0].mode == "early"
-        self.layer = target_layer(nets[0])
+        self.layer = target_layer(nets[0], layer)
         self.models = [_WithMask(n).eval() for n in nets]
         self.cams = [
-            cls(nn_module=m, target_layers=target_layer(n), postprocessing=_identity)
+            cls(nn_module=m, target_layers=target_layer(n, layer), postprocessing=_identity)
             for m, n in zip(self.models, nets)
         ]
 
