@@ -16,7 +16,7 @@ package)::
 
 :func:`load_exported` does exactly that. The input is the *preprocessed* stack (what ``meta["preprocess"]`` and
 ``meta["eval_crop"]`` describe; ``liverfusion.data.preprocess`` implements it). ``format=onnx`` (optional extra:
-``pip install onnx onnxruntime``) writes the same graph as ONNX with the metadata in its ``metadata_props``.
+``pip install 'liverfusion[onnx]'``: onnx, onnxruntime, onnxscript) writes the same graph as ONNX with the metadata in its ``metadata_props``.
 
 The exported graph encodes every modality volume and zeroes the absent ones, where the training network skips them:
 with the encoder in eval mode each volume is encoded on its own, so the logits are the same (checked at export).
@@ -180,10 +180,11 @@ def _write_onnx(
     try:
         import onnx
         import onnxruntime as ort
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it; without it torch fails deep inside)
     except ImportError:
         raise ConfigError(
-            "format=onnx needs the onnx and onnxruntime packages",
-            fix="pip install onnx onnxruntime, or use format=export",
+            "format=onnx needs the onnx, onnxruntime and onnxscript packages",
+            fix="pip install 'liverfusion[onnx]' (onnx, onnxruntime, onnxscript), or use format=export",
         ) from None
     with atomic_path(out, suffix=".onnx") as tmp:
         torch.onnx.export(

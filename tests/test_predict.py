@@ -362,8 +362,11 @@ def test_export_runs_with_torch_alone_and_matches_the_checkpoint(trained, cohort
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
     except ImportError:
-        with pytest.raises(ConfigError, match="format=onnx needs the onnx and onnxruntime packages"):
+        with pytest.raises(
+            ConfigError, match="format=onnx needs the onnx, onnxruntime and onnxscript packages"
+        ):
             _export(run, tmp_path / "model.onnx", "format=onnx")
     else:
         assert _export(run, tmp_path / "model.onnx", "format=onnx")["n_models"] == 1
