@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from liverfusion.errors import ConfigError, DataError
-from liverfusion.evaluation.inputs import name_key, nifti_stem
+from liverfusion.evaluation.inputs import has_dicom_files, name_key, nifti_stem
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +68,7 @@ def has_nifti_cases(root: Path) -> bool:
 
 def looks_like_dicom_tree(root: Path, limit: int = 50) -> bool:
     """Files under ``root`` carry the DICOM preamble magic (``DICM`` at byte 128) and no case folder holds NIfTI."""
-    if has_nifti_cases(root):
-        return False
-    seen = 0
-    for path in root.rglob("*"):
-        if not path.is_file():
-            continue
-        seen += 1
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(128)
-                if fh.read(4) == b"DICM":
-                    return True
-        except OSError:
-            pass
-        if seen >= limit:
-            break
-    return False
+    return not has_nifti_cases(root) and has_dicom_files(root, limit)
 
 
 def _compose_prepare(overrides: Sequence[str]) -> Any:

@@ -135,7 +135,7 @@ class CaseFolderLayout(Layout):
         if skipped:
             log.debug("case %s: skipped %s", folder.name, skipped)
         if not images:
-            if _looks_like_dicom(folder):
+            if has_dicom_files(folder):
                 raise DataError(
                     "case folder has no usable modality file: it holds DICOM (files or series folders)",
                     path=folder,
@@ -157,7 +157,7 @@ class CaseFolderLayout(Layout):
         return Case(case_id=folder.name, patient_id=patient, images=images)
 
 
-def _looks_like_dicom(folder: Path, limit: int = 20) -> bool:
+def has_dicom_files(folder: Path, limit: int = 20) -> bool:
     """A few files under ``folder`` carry the DICOM preamble magic (``DICM`` at byte 128)."""
     seen = 0
     for path in folder.rglob("*"):

@@ -347,9 +347,7 @@ class SSLModule(L.LightningModule, abc.ABC):
         """The std of a healthy embedding: 1/sqrt(d) for l2-normalised z; raw embeddings must override."""
         if self.collapse_kind == "l2":
             return 1.0 / math.sqrt(self.z_dim)
-        raise NotImplementedError(
-            f"{type(self).__name__} has collapse_kind=raw and must define collapse_scale()"
-        )
+        raise TypeError(f"{type(self).__name__} has collapse_kind=raw: it must define collapse_scale()")
 
     def fixed_lr_heads(self) -> set[str]:
         """Names of heads whose lr stays at the initial value (SimSiam's predictor)."""

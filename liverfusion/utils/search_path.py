@@ -96,9 +96,9 @@ def default_groups(config_name: str, dirs: Sequence[Path] | None = None) -> set[
     dirs = list(dirs) if dirs is not None else config_dirs()
     groups: set[str] = set()
     seen: set[str] = set()
-    todo = [config_name]
-    while todo:
-        name = todo.pop()
+    pending = [config_name]
+    while pending:
+        name = pending.pop()
         if name in seen:
             continue
         seen.add(name)
@@ -108,7 +108,7 @@ def default_groups(config_name: str, dirs: Sequence[Path] | None = None) -> set[
         for entry in _defaults_entries(path):
             if isinstance(entry, str):
                 if entry != "_self_":
-                    todo.append(entry.lstrip("/"))
+                    pending.append(entry.lstrip("/"))
                 continue
             if not isinstance(entry, dict) or len(entry) != 1:
                 continue
