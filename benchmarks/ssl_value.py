@@ -6,6 +6,7 @@ external cohort of 1000 phantom cases from an unused seed.
     python benchmarks/ssl_value.py --stage benchmark --recipes mda hybrid stack_cgc
     python benchmarks/ssl_value.py --stage benchmark --summary-only
     nohup python benchmarks/ssl_value.py --stage screening > ssl_value.log 2>&1 &   # resumable: re-run it
+    python benchmarks/ssl_value.py --stage benchmark --recipes hybrid --best hybrid --fractions 0.1  # headline first
 
 The protocol, the recipes and the arms are YAML files in ``benchmarks/ssl_value/`` (protocol.yaml, recipes.yaml,
 arms.yaml). Per arm: test metrics mean +- std over folds, the fold ensemble with a patient-level bootstrap 95 % CI,
@@ -458,6 +459,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--best", default=None, help="benchmark: the recipe that also gets the extra fractions"
     )
+    parser.add_argument(
+        "--fractions",
+        nargs="*",
+        type=float,
+        default=None,
+        help="only these label fractions of the stage (run the benchmark in phases, headline first)",
+    )
     parser.add_argument("--no-external", action="store_true", help="skip the external cohort")
     parser.add_argument("--no-diagnostics", action="store_true")
     parser.add_argument("--summary-only", action="store_true", help="only aggregate the finished runs")
@@ -477,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     seed = int(stage["phantom_seed"])
     work = Path(args.work or REPO / ".cache" / "benchmarks" / f"ssl_value_{args.stage}").resolve()
     metric, n_boot = protocol["headline"]["metric"], int(protocol["n_boot"])
+    staged = [*stage["fractions"], *(stage.get("extra_fractions") or [])]
+    unknown_fractions = sorted(set(args.fractions or ()) - set(staged))
+    if unknown_fractions:
+        parser.error(f"unknown fraction(s) {unknown_fractions}; the {args.stage} stage has {staged}")
 
     encoders: dict[str, Path] = {}
     for name, recipe in recipes.items():
@@ -491,6 +503,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         name: list(stage["fractions"]) + (extra if rec is None or rec == args.best else [])
         for name, (rec, _, _) in table.items()
     }
+    if args.fractions is not None:
+        fractions = {n: [f for f in fs if f in args.fractions] for n, fs in fractions.items()}
     dirs = run_finetunes(work, table, fractions, stage["folds"], seed, protocol, args.summary_only)
 
     external: dict[str, dict[str, Path]] = {}
