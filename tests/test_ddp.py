@@ -26,7 +26,7 @@ from liverfusion.data.layouts import LLDMMRILayout
 from liverfusion.data.mda import MDADataModule
 from liverfusion.models import build_encoder
 from liverfusion.modules.simsiam import SimSiam
-from liverfusion.modules.ssl_base import ssl_config
+from liverfusion.utils.config_sections import model_config
 from tests.helpers import PHASES, TINY_ENCODER, write_lld_like
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_ddp_spawn_two_processes(tiny, tmp_path):
     root, cache, fold, n_bank, n_query, n_pairs = tiny
     model = SimSiam(
         build_encoder(**TINY_ENCODER),
-        **ssl_config("simsiam", projector={"hidden_dim": 32, "out_dim": 16}, predictor={"hidden_dim": 8}),
+        **model_config("simsiam", projector={"hidden_dim": 32, "out_dim": 16}, predictor={"hidden_dim": 8}),
         data_spec={"modalities": PHASES, "class_names": CLASSES, "input_shape": list(SHAPE)},
     )
     trainer = L.Trainer(
@@ -194,7 +194,7 @@ def test_sync_batchnorm_conversion_covers_every_norm_of_simsiam():
     assert cfg.trainer.sync_batchnorm is True and cfg.data.drop_last is True
     model = SimSiam(
         build_encoder(**TINY_ENCODER),
-        **ssl_config("simsiam", projector={"hidden_dim": 32, "out_dim": 16}, predictor={"hidden_dim": 8}),
+        **model_config("simsiam", projector={"hidden_dim": 32, "out_dim": 16}, predictor={"hidden_dim": 8}),
     )
     n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

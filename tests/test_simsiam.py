@@ -26,8 +26,8 @@ from liverfusion.modules.ssl_base import (
     ENCODER_FORMAT,
     TrainingDivergedError,
     load_encoder_payload,
-    ssl_config,
 )
+from liverfusion.utils.config_sections import model_config
 from tests.helpers import PHASES, TINY_ENCODER, write_lld_like
 
 SHAPE = (6, 16, 16)
@@ -44,7 +44,7 @@ SPEC = {
 
 def tiny_model(**kw) -> SimSiam:
     """conf/model/simsiam.yaml's values (the code has no defaults) with tiny heads and ``kw`` merged per section."""
-    args = ssl_config(
+    args = model_config(
         "simsiam", projector={"hidden_dim": 32, "out_dim": 16}, predictor={"hidden_dim": 8}, **kw
     )
     return SimSiam(build_encoder(**TINY_ENCODER), data_spec=SPEC, **args)
@@ -268,7 +268,7 @@ def test_collapse_alarm_warns_and_optionally_stops(tiny_dm_factory, tmp_path, st
     dm = tiny_dm_factory(monitor=False)
     model = SimSiam(
         ConstantEncoder(),
-        **ssl_config(
+        **model_config(
             "simsiam",
             projector={"hidden_dim": 16, "out_dim": 16},
             predictor={"hidden_dim": 8},

@@ -29,8 +29,9 @@ from liverfusion.modules.classifier import FusionClassifier
 from liverfusion.modules.encoder_loading import load_pretrained_network, read_encoder_file
 from liverfusion.modules.momentum import cosine_tau
 from liverfusion.modules.simsiam import SimSiam
-from liverfusion.modules.ssl_base import ENCODER_FORMAT, RawStd, load_encoder_payload, ssl_config
+from liverfusion.modules.ssl_base import ENCODER_FORMAT, RawStd, load_encoder_payload
 from liverfusion.modules.vicreg import VICReg
+from liverfusion.utils.config_sections import model_config
 from liverfusion.utils.hydra_utils import CONFIG_DIR
 from tests.helpers import TINY_ENCODER as TINY
 
@@ -55,8 +56,8 @@ STACK_CGC = {"kind": "stack", "fusion": {"name": "cgc", "width": 4}}
 
 def build(method: str = "simsiam", encoder=None, spec=SPEC, seed: int = 0, **kw):
     torch.manual_seed(seed)
-    args = ssl_config(method, **SMALL[method], knn={"enabled": False})
-    args = ssl_config(method, **{**{k: {**args[k], **v} for k, v in SMALL[method].items()}, **kw})
+    args = model_config(method, **SMALL[method], knn={"enabled": False})
+    args = model_config(method, **{**{k: {**args[k], **v} for k, v in SMALL[method].items()}, **kw})
     args["knn"] = {**args["knn"], "enabled": False, **kw.get("knn", {})}
     enc = encoder if encoder is not None else functools.partial(build_encoder, **TINY)
     return METHODS[method](enc, data_spec=spec, **args)
@@ -146,7 +147,7 @@ def test_yaml_gives_every_key_and_the_code_none(method):
     enc = build_encoder(**TINY)
     with pytest.raises(ConfigError, match=r"is missing \[.*'optimizer'.*\]"):
         METHODS[method](enc, data_spec=SPEC)
-    args = ssl_config(method)
+    args = model_config(method)
     model = METHODS[method](build_encoder(**TINY), data_spec=SPEC, **args)
     assert model.cfg["optimizer"] == args["optimizer"] and model.cfg["knn"] == args["knn"]
     short = {**args, "collapse": {"stop": False}}  # a section missing a key is refused, not completed in code
@@ -155,7 +156,7 @@ def test_yaml_gives_every_key_and_the_code_none(method):
 
 
 def test_simsiam_head_sizes_come_from_the_yaml():
-    model = SimSiam(build_encoder(**TINY), data_spec=SPEC, **ssl_config("simsiam"))
+    model = SimSiam(build_encoder(**TINY), data_spec=SPEC, **model_config("simsiam"))
     widths = [m.out_features for m in model.projector.layers if isinstance(m, torch.nn.Linear)]
     assert (
         widths == [512, 512, 512] and model.predictor.layers[0].out_features == 128
@@ -192,7 +193,7 @@ def test_unknown_method_lists_the_choices():
     with pytest.raises(
         ConfigError, match=r"model='simclr'.*choose one of \['byol', 'classifier', 'simsiam', 'vicreg'\]"
     ):
-        ssl_config("simclr")
+        model_config("simclr")
 
 
 # ---- the list of views ----

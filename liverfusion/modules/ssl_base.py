@@ -13,7 +13,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -31,6 +31,7 @@ from liverfusion.models.collapse import L2NormalizedStd, collapse_level
 from liverfusion.models.ssl_backbone import build_backbone, fusion_config
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, scaled_lr, split_decay
 from liverfusion.utils.checkpoint_io import save_atomic
+from liverfusion.utils.config_sections import check_section
 from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
@@ -71,64 +72,6 @@ BASE_SCHEMA: Schema = {
 }
 OBJECTIVES = ("pair", "hybrid")
 COLLAPSE_KINDS = ("l2", "raw")
-
-
-def check_section(
-    key: str, value: Any, required: Sequence[str], optional: Sequence[str] = ()
-) -> dict[str, Any]:
-    """``model.<key>`` as a plain dict with exactly the known keys: unknown or missing ones are a ConfigError."""
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"model.{key} must be a mapping with keys {list(required)}, got {value!r}")
-    value = dict(value)
-    known = [*required, *optional]
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ConfigError(f"model.{key}: unknown key(s) {unknown}; known keys: {known}")
-    missing = [k for k in required if k not in value]
-    if missing:
-        raise ConfigError(
-            f"model.{key}: missing key(s) {missing}; the defaults live in conf/model/<method>.yaml "
-            "(compose it, or build the arguments with liverfusion.modules.ssl_base.ssl_config)"
-        )
-    return value
-
-
-def ssl_config(method: str, **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of an SSL module as ``conf/model/<method>.yaml`` gives them (without the encoder), each
-    override merged into its section: how tests and scripts build a module in Python with the YAML's defaults.
-
-    Same-group entries of the file's ``defaults`` list (e.g. ``_ssl``) are merged first, as Hydra does; group
-    entries (the encoder preset) are left out.
-    """
-    from omegaconf import OmegaConf
-
-    from liverfusion.utils.hydra_utils import CONFIG_DIR
-
-    folder = Path(CONFIG_DIR) / "model"
-
-    def load(name: str) -> dict[str, Any]:
-        path = folder / f"{name}.yaml"
-        if not path.is_file():
-            choices = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
-            raise ConfigError(f"model={name!r}: no {path}; choose one of {choices}")
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        merged: dict[str, Any] = {}
-        for entry in raw.pop("defaults", []) or []:
-            if isinstance(entry, str) and entry != "_self_":
-                merged = _merge(merged, load(entry))
-        return _merge(merged, raw)
-
-    cfg = load(method)
-    for key in ("_target_", "_convert_", "encoder"):
-        cfg.pop(key, None)
-    return _merge(cfg, overrides)
-
-
-def _merge(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in new.items():
-        out[k] = {**out[k], **v} if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
 
 
 class RawStd(L2NormalizedStd):
@@ -306,7 +249,7 @@ class SSLModule(L.LightningModule, abc.ABC):
         if missing:
             raise ConfigError(
                 f"model: {name} is missing {missing}; the defaults live in conf/model/<method>.yaml (compose it, "
-                "or build the arguments with liverfusion.modules.ssl_base.ssl_config)"
+                "or build the arguments with liverfusion.utils.config_sections.model_config)"
             )
         out: dict[str, Any] = {}
         for key, spec in schema.items():
