@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function, seed_everything
 
+from liverfusion.data.augment_recipe import device_part
 from liverfusion.data.datasets import CaseDataset
 from liverfusion.data.io import save_volume
 from liverfusion.data.layouts import FolderLayout, LLDMMRILayout, UnionLayout
@@ -25,6 +26,7 @@ from liverfusion.data.transforms import (
     build_batch_transform,
 )
 from liverfusion.errors import ConfigError
+from liverfusion.utils.config_sections import model_config
 from tests.helpers import PHASES, write_lld_like
 
 SHAPE = (6, 16, 16)
@@ -285,6 +287,10 @@ def test_views_reproduce_under_seed_everything(tiny, cache, workers):
     assert not all(torch.equal(x["views"][0], z["views"][0]) for x, z in zip(a, c))
 
 
+RECIPE = model_config("_mda_recipe", group="augment")["augment"]["recipe"]
+INTENSITY = {"gamma": [0.7, 1.5], "scale": 0.2, "shift": 0.1}
+
+
 def test_batched_transforms_draw_per_sample():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 1, *SHAPE)
@@ -292,25 +298,31 @@ def test_batched_transforms_draw_per_sample():
     is_flipped = [torch.equal(flipped[i], x[i].flip(3)) for i in range(64)]
     is_same = [torch.equal(flipped[i], x[i]) for i in range(64)]
     assert all(f or s for f, s in zip(is_flipped, is_same)) and 10 < sum(is_flipped) < 54
-    assert torch.allclose(BatchRandAffine(prob=0.0)(x, generator=g), x, atol=1e-5)
-    rotated = BatchRandAffine(prob=1.0, rotate=0.3, scale=[0.0, 0.1, 0.1])(x, generator=g)
-    assert rotated.shape == x.shape and not torch.allclose(rotated, x)
-    same = BatchRandIntensity(gamma_prob=0.0, scale_prob=0.0, shift_prob=0.0)(x, generator=g)
-    assert torch.equal(same, x)
-    gamma = BatchRandIntensity(gamma=[0.5, 2.0], gamma_prob=1.0, scale_prob=0.0, shift_prob=0.0)(
+    assert torch.allclose(
+        BatchRandAffine(prob=0.0, rotate=0.26, scale=[0.0, 0.1, 0.1], padding_mode="zeros")(x, generator=g),
+        x,
+        atol=1e-5,
+    )
+    rotated = BatchRandAffine(prob=1.0, rotate=0.3, scale=[0.0, 0.1, 0.1], padding_mode="zeros")(
         x, generator=g
     )
+    assert rotated.shape == x.shape and not torch.allclose(rotated, x)
+    same = BatchRandIntensity(**INTENSITY, gamma_prob=0.0, scale_prob=0.0, shift_prob=0.0)(x, generator=g)
+    assert torch.equal(same, x)
+    gamma = BatchRandIntensity(
+        **{**INTENSITY, "gamma": [0.5, 2.0]}, gamma_prob=1.0, scale_prob=0.0, shift_prob=0.0
+    )(x, generator=g)
     flat_in, flat_out = x.flatten(1), gamma.flatten(1)
     assert torch.allclose(flat_out.amin(1), flat_in.amin(1), atol=1e-5)  # gamma keeps each sample's range
     assert torch.allclose(flat_out.amax(1), flat_in.amax(1), atol=1e-5)
     noisy = BatchRandGaussianNoise(prob=1.0, std=0.1)(x, generator=g)
     assert (noisy - x).std() > 0.01
-    pipeline = BatchCompose([BatchRandFlip(), BatchRandAffine(), BatchRandIntensity()])
+    pipeline = BatchCompose(device_part(RECIPE))
     r1 = pipeline(x, generator=torch.Generator().manual_seed(3))
     r2 = pipeline(x, generator=torch.Generator().manual_seed(3))
     assert torch.equal(r1, r2)
     with pytest.raises(ConfigError):
-        BatchRandFlip(spatial_axes=[3])
+        BatchRandFlip(prob=0.5, spatial_axes=[3])
     with pytest.raises(ConfigError):
         build_batch_transform(["not a transform"])
 
@@ -519,7 +531,7 @@ def test_batched_stack_augment_keeps_absent_phases_zero(tiny, cache):
         tiny_layout(tiny),
         cache,
         pairs={"policy": "stack"},
-        batch_augment=[BatchRandIntensity(shift_prob=1.0)],
+        batch_augment=[BatchRandIntensity(**INTENSITY, gamma_prob=0.5, scale_prob=0.5, shift_prob=1.0)],
     )
     seen_absent = 0
     for batch in dm.train_dataloader():

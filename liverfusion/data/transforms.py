@@ -1,7 +1,9 @@
 """Augmentation pipelines declared in YAML: per-view lists of MONAI (or torchio) transforms, plus optional
 batched tensor transforms applied to a whole batch of views after it reaches the device.
 
-Per-view items are Hydra ``_target_`` configs that :func:`build_transform` composes. Random transforms draw from
+Per-view items are Hydra ``_target_`` configs that :func:`build_transform` composes; the MDA recipe's values
+live in ``conf/augment/_mda_recipe.yaml`` only (``liverfusion.data.augment_recipe`` builds both pipelines), so the
+batched transforms take every parameter explicitly. Random transforms draw from
 their own generators, so :func:`reseed` re-seeds them from torch's generator per call: views are then
 reproducible under ``seed_everything(workers=True)`` and differ between workers and ranks.
 
@@ -70,7 +72,7 @@ def _check_batch(x: torch.Tensor) -> None:
 class BatchRandFlip:
     """Flip each sample along each of ``spatial_axes`` (0 = D, 1 = H, 2 = W) with probability ``prob``."""
 
-    def __init__(self, prob: float = 0.5, spatial_axes: Sequence[int] = (1, 2)):
+    def __init__(self, prob: float, spatial_axes: Sequence[int]):
         self.prob = float(prob)
         self.spatial_axes = [int(a) for a in spatial_axes]
         if any(a not in (0, 1, 2) for a in self.spatial_axes):
@@ -99,10 +101,10 @@ class BatchRandAffine:
 
     def __init__(
         self,
-        prob: float = 0.5,
-        rotate: float = 0.26,
-        scale: Sequence[float] = (0.0, 0.1, 0.1),
-        padding_mode: str = "zeros",
+        prob: float,
+        rotate: float,
+        scale: Sequence[float],
+        padding_mode: str,
     ):
         self.prob = float(prob)
         self.rotate = float(rotate)
@@ -144,12 +146,12 @@ class BatchRandIntensity:
 
     def __init__(
         self,
-        gamma: Sequence[float] = (0.7, 1.5),
-        gamma_prob: float = 0.5,
-        scale: float = 0.2,
-        scale_prob: float = 0.5,
-        shift: float = 0.1,
-        shift_prob: float = 0.5,
+        gamma: Sequence[float],
+        gamma_prob: float,
+        scale: float,
+        scale_prob: float,
+        shift: float,
+        shift_prob: float,
     ):
         self.gamma = (float(gamma[0]), float(gamma[1]))
         if not 0 < self.gamma[0] <= self.gamma[1]:
@@ -175,7 +177,7 @@ class BatchRandIntensity:
 class BatchRandGaussianNoise:
     """Add N(0, s^2) noise with s drawn from [0, ``std``] per sample, with probability ``prob``."""
 
-    def __init__(self, prob: float = 0.3, std: float = 0.05):
+    def __init__(self, prob: float, std: float):
         self.prob, self.std = float(prob), float(std)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
