@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from liverfusion.utils.cli import cli_errors
+from liverfusion.utils.help_pages import STEP_NAMES
 
-STEP_NAMES = ("check", "pretrain", "finetune", "evaluate", "report")
 # simsiam_pretrain is the CPU-sized preset (the GPU-sized one is simsiam_pretrain_gpu): the paper's method as a
 # user starts it, sized to the demo's budget of 4 minutes on 2 cores
 PRETRAIN_PRESET = "simsiam_pretrain"
@@ -93,7 +93,7 @@ def run_step(name: str, args: list[str]) -> float:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    from liverfusion.help import build_parser  # the parser and its --help page live there
+    from liverfusion.utils.help_pages import build_parser  # the parser and its --help page live there
 
     parser = build_parser("demo")
     args = parser.parse_args(argv)

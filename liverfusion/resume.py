@@ -77,8 +77,10 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Di
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    from liverfusion.help import build_parser  # the parser and its --help page live there (no torch import)
     from liverfusion.utils.console import quiet_third_party
+    from liverfusion.utils.help_pages import (
+        build_parser,  # the parser and its --help page live there (no torch import)
+    )
 
     args = build_parser("resume").parse_args(argv)
     quiet_third_party()

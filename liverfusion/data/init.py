@@ -400,7 +400,7 @@ def init(
 
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    from liverfusion.help import build_parser
+    from liverfusion.utils.help_pages import build_parser
 
     args = build_parser("init").parse_args(argv)
     opts = parse_options(args.options)

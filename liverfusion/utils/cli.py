@@ -180,7 +180,7 @@ def hydra_cli(hydra_main: F | None = None, *, config_name: str | None = None) ->
 
     The body (decorated with ``cli_errors`` inside ``@hydra.main``) has already turned its own errors into an exit
     status; what arrives here is Hydra's. Before Hydra parses the command line: ``-h`` / ``--help`` prints the
-    command's own page (``liverfusion.help``) and exits 0; known third-party warnings are filtered
+    command's own page (``liverfusion.utils.help_pages``) and exits 0; known third-party warnings are filtered
     (``liverfusion.utils.console``); the late groups (experiment, hparams_search, debug) are rewritten so they are
     taken with or without ``+`` and composed in their fixed order (``liverfusion.utils.search_path``).
     ``config_name`` is the primary config (read from the ``@hydra.main`` decorator when not given). Usable bare
@@ -194,7 +194,7 @@ def hydra_cli(hydra_main: F | None = None, *, config_name: str | None = None) ->
         try:
             name = _primary_config(sys.argv[1:]) or config_name or hydra_config_name(hydra_main)
             if _wants_help(sys.argv[1:]):
-                from liverfusion.help import print_help_for_config
+                from liverfusion.utils.help_pages import print_help_for_config
 
                 if print_help_for_config(name):
                     sys.exit(0)
@@ -214,7 +214,7 @@ def hydra_cli(hydra_main: F | None = None, *, config_name: str | None = None) ->
 
 
 def _wants_help(argv: list[str]) -> bool:
-    from liverfusion.help import wants_help
+    from liverfusion.utils.help_pages import wants_help
 
     return wants_help(argv)
 

@@ -139,8 +139,6 @@ def print_config(cfg: Any, mode: Any) -> None:
     if mode in ("false", "none", "0", "off"):
         return
     if mode == "full":
-        from liverfusion.utils.hydra_utils import print_config_tree
-
         print_config_tree(cfg)
         return
     print("\n".join(config_summary(cfg)), flush=True)
@@ -240,3 +238,22 @@ def __getattr__(name: str) -> Any:
         globals()["ModelSummary"] = cls
         return cls
     raise AttributeError(name)
+
+
+def print_config_tree(cfg: Any) -> None:
+    """The whole config as a rich tree, secrets masked (``extras.print_config=full``)."""
+    from omegaconf import DictConfig, OmegaConf
+    from rich import print as rprint
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    from liverfusion.utils.run_folder import mask_secrets
+
+    tree = Tree("config", guide_style="dim")
+    plain_cfg = (
+        mask_secrets(OmegaConf.to_container(cfg, resolve=False)) if isinstance(cfg, DictConfig) else cfg
+    )
+    for key, value in plain_cfg.items():
+        text = OmegaConf.to_yaml(value) if isinstance(value, dict | list) else str(value)
+        tree.add(str(key)).add(Syntax(text, "yaml"))
+    rprint(tree)

@@ -33,7 +33,6 @@ __all__ = [
     "close_loggers",
     "instantiate_group",
     "normalize_overrides",
-    "print_config_tree",
     "register_resolvers",
     "save_resolved_config",
     "to_plain",
@@ -86,23 +85,6 @@ def apply_extras(cfg: DictConfig) -> None:
         from liverfusion.utils.console import print_config
 
         print_config(cfg, extras.get("print_config"))  # summary (default) | full | false
-
-
-def print_config_tree(cfg: DictConfig) -> None:
-    from rich import print as rprint
-    from rich.syntax import Syntax
-    from rich.tree import Tree
-
-    from liverfusion.utils.run_folder import mask_secrets
-
-    tree = Tree("config", guide_style="dim")
-    plain_cfg = (
-        mask_secrets(OmegaConf.to_container(cfg, resolve=False)) if isinstance(cfg, DictConfig) else cfg
-    )
-    for key, value in plain_cfg.items():
-        text = OmegaConf.to_yaml(value) if isinstance(value, dict | list) else str(value)
-        tree.add(str(key)).add(Syntax(text, "yaml"))
-    rprint(tree)
 
 
 def close_loggers() -> None:
