@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def checkpoint_is_readable(path: Path) -> str | None:
     """None when ``path`` loads safely as a Lightning checkpoint; otherwise the reason it does not (a truncated
     file, a pickle payload, interpolating metadata, no state_dict)."""
-    from liverfusion.modules.encoder_loading import safe_load
+    from liverfusion.utils.checkpoint_io import safe_load
 
     try:
         obj = safe_load(path)

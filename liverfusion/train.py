@@ -114,7 +114,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def _check_ckpt_path(path: str, model: Any) -> None:
     """``ckpt_path`` must be a safe checkpoint of the model being trained: read it as data first (a pickle payload
     or interpolating metadata is refused by name), then compare its kind and weight names with the model's."""
-    from liverfusion.modules.encoder_loading import checkpoint_kind, safe_load
+    from liverfusion.modules.encoder_file import checkpoint_kind
+    from liverfusion.utils.checkpoint_io import safe_load
 
     obj = safe_load(path)
     kind = checkpoint_kind(obj)

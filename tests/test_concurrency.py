@@ -233,7 +233,8 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch)
 
 
 def test_encoder_export_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch):
-    from liverfusion.modules.ssl_base import SSLModule, load_encoder_payload
+    from liverfusion.modules.encoder_file import load_encoder_payload
+    from liverfusion.modules.ssl_base import SSLModule
 
     payload = {"format": "x", "state_dict": {"w": torch.arange(1000.0)}}
     module = SimpleNamespace(

@@ -10,12 +10,8 @@ from omegaconf import OmegaConf
 
 from liverfusion.errors import CheckpointError
 from liverfusion.models import build_encoder
-from liverfusion.modules.encoder_loading import (
-    ENCODER_FORMAT,
-    EncoderModalityWarning,
-    load_pretrained_encoder,
-    read_encoder_file,
-)
+from liverfusion.modules.encoder_file import ENCODER_FORMAT, read_encoder_file
+from liverfusion.modules.encoder_loading import EncoderModalityWarning, load_pretrained_encoder
 
 TINY = {
     "name": "resnet3d",

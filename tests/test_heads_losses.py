@@ -23,7 +23,7 @@ from liverfusion.models import (
 )
 from liverfusion.models.heads import ExpanderHead, MLPHead
 from liverfusion.models.losses import BYOLLoss, VICRegLoss, normalized_mse
-from liverfusion.modules.ssl_base import RawStd
+from liverfusion.modules.ssl_health import RawStd
 
 
 def _kinds(module: nn.Module) -> list[type]:

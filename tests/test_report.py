@@ -1,4 +1,5 @@
-"""``liverfusion.report`` on a fake multirun folder: grouping into arms, mean +- std, pooling, comparisons, files."""
+"""``liverfusion.reporting`` and its CLI ``liverfusion.report`` on a fake multirun folder: grouping into arms,
+mean +- std, pooling, comparisons, files; the package's place below the entry points."""
 
 from __future__ import annotations
 
@@ -12,14 +13,8 @@ import yaml
 from liverfusion.evaluate import PredictionSet, predictions_csv
 from liverfusion.evaluation.calibration import write_calibration
 from liverfusion.metrics import classification_metrics
-from liverfusion.report import (
-    find_runs,
-    group_runs,
-    main,
-    make_report,
-    neutral_card,
-    pooled_predictions,
-)
+from liverfusion.report import main
+from liverfusion.reporting import find_runs, group_runs, make_report, neutral_card, pooled_predictions
 
 CLASSES = ["benign", "malignant"]
 
@@ -258,3 +253,49 @@ def test_metrics_md_is_data_set_neutral(tmp_path):
     lld = ["hemangioma", "ICC", "abscess", "metastasis", "cyst", "FNH", "HCC"]
     assert "lld_score" in shown_metrics(["macro_f1", "lld_score", "auroc/ICC"], lld)
     assert shown_metrics(["macro_f1", "lld_score", "auroc/b"], ["a", "b", "c"]) == ["macro_f1", "auroc/b"]
+
+
+ENTRY_POINTS = {
+    "liverfusion.train",
+    "liverfusion.evaluate",
+    "liverfusion.predict",
+    "liverfusion.report",
+    "liverfusion.demo",
+    "liverfusion.resume",
+    "liverfusion.synth",
+    "liverfusion.export",
+    "liverfusion.help",
+    "liverfusion.prepare.__main__",
+}
+
+
+def _imported(path) -> set[str]:
+    """Every module a file imports (``from a import b`` counts as ``a`` and ``a.b``)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    return names
+
+
+def test_reporting_sits_below_the_entry_points():
+    """reporting/ imports no command; the library packages below it (models, modules, data, ...) never import it."""
+    from pathlib import Path
+
+    import liverfusion
+
+    root = Path(liverfusion.__file__).parent
+    package = sorted((root / "reporting").glob("*.py"))
+    assert {f.stem for f in package} >= {"runs", "tables", "build", "model_card"}
+    for f in package:
+        bad = _imported(f) & ENTRY_POINTS
+        assert not bad, f"{f} imports {bad}"
+    for lower in ("models", "modules", "data", "prepare", "evaluation", "metrics", "viz", "utils"):
+        for f in sorted((root / lower).rglob("*.py")):
+            bad = {m for m in _imported(f) if m.split(".")[:2] == ["liverfusion", "reporting"]}
+            assert not bad, f"{f} imports {bad}"
+    assert "liverfusion.reporting" in _imported(root / "report.py")

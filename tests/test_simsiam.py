@@ -21,12 +21,9 @@ from liverfusion.data.mda import MDADataModule
 from liverfusion.metrics.knn import knn_predict
 from liverfusion.models import build_encoder
 from liverfusion.models.losses import SimSiamLoss
+from liverfusion.modules.encoder_file import ENCODER_FORMAT, load_encoder_payload
 from liverfusion.modules.simsiam import SimSiam
-from liverfusion.modules.ssl_base import (
-    ENCODER_FORMAT,
-    TrainingDivergedError,
-    load_encoder_payload,
-)
+from liverfusion.modules.ssl_health import TrainingDivergedError
 from liverfusion.utils.config_sections import model_config
 from tests.helpers import PHASES, TINY_ENCODER, write_lld_like
 

@@ -26,7 +26,7 @@ from liverfusion.metrics.ssl_diagnostics import (
     ssl_diagnostics,
 )
 from liverfusion.models import build_encoder
-from liverfusion.modules.encoder_loading import ENCODER_FORMAT
+from liverfusion.modules.encoder_file import ENCODER_FORMAT
 from liverfusion.modules.frozen_features import (
     build_frozen_encoder,
     encode_cases,

@@ -26,10 +26,11 @@ from liverfusion.models.fusion import CGCFusion
 from liverfusion.models.ssl_backbone import NoHead
 from liverfusion.modules.byol import BYOL
 from liverfusion.modules.classifier import FusionClassifier
-from liverfusion.modules.encoder_loading import load_pretrained_network, read_encoder_file
+from liverfusion.modules.encoder_file import ENCODER_FORMAT, load_encoder_payload, read_encoder_file
+from liverfusion.modules.encoder_loading import load_pretrained_network
 from liverfusion.modules.momentum import cosine_tau
 from liverfusion.modules.simsiam import SimSiam
-from liverfusion.modules.ssl_base import ENCODER_FORMAT, RawStd, load_encoder_payload
+from liverfusion.modules.ssl_health import RawStd
 from liverfusion.modules.vicreg import VICReg
 from liverfusion.utils.config_sections import model_config
 from liverfusion.utils.hydra_utils import CONFIG_DIR
@@ -414,8 +415,7 @@ def classifier(path, fusion: str = "cgc", spec=SPEC, **fusion_kw) -> FusionClass
         encoder=functools.partial(build_encoder, **TINY),
         fusion=functools.partial(FUSIONS[fusion], **fusion_kw),
         data_spec=spec,
-        init="pretrained",
-        pretrained={"path": str(path)},
+        **model_config("classifier", init="pretrained", pretrained={"path": str(path)}),
     )
 
 

@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 
 from liverfusion.errors import CheckpointError, ConfigError
 from liverfusion.evaluate import _best_in_run, load_classifier
-from liverfusion.modules.encoder_loading import checkpoint_kind, read_encoder_file, safe_load
+from liverfusion.modules.encoder_file import checkpoint_kind, read_encoder_file
 from liverfusion.resume import checkpoint_is_readable, find_resume_checkpoint
+from liverfusion.utils.checkpoint_io import safe_load
 from liverfusion.utils.cli import error_line
 from liverfusion.utils.run_folder import load_run_config, save_run_config
 

@@ -228,7 +228,7 @@ def test_privacy_refuses_case_ids_in_run_names(tiny_phantom, tmp_path, monkeypat
 
 
 def test_report_leaves_figures_off_wandb_under_privacy(tmp_path, monkeypatch):
-    from liverfusion.report import _to_wandb
+    from liverfusion.reporting.wandb_upload import to_wandb
 
     _offline_env(monkeypatch, tmp_path)
     fig = tmp_path / "fig.png"
@@ -244,6 +244,6 @@ def test_report_leaves_figures_off_wandb_under_privacy(tmp_path, monkeypatch):
     for privacy in (True, False):
         out = tmp_path / f"report_{privacy}"
         out.mkdir()
-        _to_wandb(out, [{"arm": "a", "macro_f1": 0.5}], [], {"roc": fig}, "offline", privacy=privacy)
+        to_wandb(out, [{"arm": "a", "macro_f1": 0.5}], [], {"roc": fig}, "offline", privacy=privacy)
         written[privacy] = list(out.rglob("media/images/*"))
     assert not written[True] and written[False]

@@ -28,7 +28,7 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
     """Rebuild the network of a classifier checkpoint from its own metadata and load its weights."""
     from liverfusion.models.encoder_factory import build_encoder
     from liverfusion.models.fusion import build_fusion
-    from liverfusion.modules.encoder_loading import safe_load
+    from liverfusion.utils.checkpoint_io import safe_load
 
     path = Path(path).expanduser()
     ckpt = safe_load(path)

@@ -11,7 +11,7 @@ from torch import nn
 from liverfusion.models.heads import MLPHead
 from liverfusion.models.losses import BYOLLoss
 from liverfusion.modules.momentum import MomentumSSLModule
-from liverfusion.modules.ssl_base import Schema
+from liverfusion.modules.ssl_config import Schema
 
 
 class BYOL(MomentumSSLModule):

@@ -13,19 +13,16 @@ Strict about what would silently ruin a fine-tune, lenient about what is by desi
 * warned: another modality set (the encoder is modality-agnostic: pre-training on a union or a disjoint pool is
   the point), another preprocessing size or resampling mode (convolutions do not care about the crop size).
 
-Files are always read with ``torch.load(weights_only=True)``. Lightning checkpoints written with OmegaConf objects
-in their hyper-parameters are read with exactly those OmegaConf container classes allow-listed (still no arbitrary
-code).
+The files are read by :func:`liverfusion.modules.encoder_file.read_encoder_file` (``weights_only``, plain data
+only); every tensor goes in through :func:`_load_checked`, one key report for the encoder and the fusion block.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import typing
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,38 +33,20 @@ from liverfusion.errors import CheckpointError
 from liverfusion.models.encoder_base import Encoder, plain
 from liverfusion.models.encoder_factory import encoder_config_diff
 from liverfusion.models.ssl_backbone import HEAD_KEYS as FUSION_HEAD_KEYS
+from liverfusion.modules.encoder_file import PROVENANCE_KEYS, EncoderFile, read_encoder_file
 
 log = logging.getLogger(__name__)
 
-ENCODER_FORMAT = "liverfusion-encoder/1"
-LIGHTNING_PREFIX = "encoder."
 # Preprocessing keys that change what an intensity means to the network: a mismatch is refused.
 NORMALISATION_KEYS = ("normalize", "percentiles", "nonzero")
 # Keys whose mismatch is allowed with a warning (geometry only).
 GEOMETRY_KEYS = ("shape", "mode", "target_spacing", "interpolation", "orientation")
-# Encoder config keys that only say where weights came from, not what the network is.
-_PROVENANCE_KEYS = ("pretrained", "weights_path")
+FUSION_HEAD_PREFIX = "head."  # every fusion block's class head is ``self.head``
+STRICT_KEYS_HINT = " (model.pretrained.strict_keys=false loads the matching keys only)"
 
 
 class EncoderModalityWarning(UserWarning):
     """The encoder was pre-trained on another modality set (allowed: the encoder is modality-agnostic)."""
-
-
-@dataclass
-class EncoderFile:
-    """What a weight file says about the encoder it holds."""
-
-    path: Path
-    kind: str  # "encoder.pt" | "lightning"
-    state_dict: dict[str, torch.Tensor]
-    encoder_config: dict[str, Any] | None
-    modalities: list[str] | None
-    preprocess: dict[str, Any] | None
-    input_shape: list[int] | None
-    meta: dict[str, Any] = field(default_factory=dict)
-    # stack pre-training only (absent from files of the main of 2026-12-02 and from modality pre-training)
-    fusion_state_dict: dict[str, torch.Tensor] | None = None
-    fusion_config: dict[str, Any] | None = None
 
 
 @dataclass
@@ -98,218 +77,6 @@ class LoadReport:
         )
 
 
-def _omegaconf_globals() -> list[Any]:
-    """The classes a pickled OmegaConf container needs; nothing that executes code on load."""
-    from omegaconf import DictConfig, ListConfig
-    from omegaconf.base import ContainerMetadata, Metadata
-    from omegaconf.nodes import AnyNode
-
-    # the builtin types appear as type references (a node's ref_type / key_type), not as calls
-    return [
-        DictConfig,
-        ListConfig,
-        ContainerMetadata,
-        Metadata,
-        AnyNode,
-        typing.Any,
-        collections.defaultdict,
-        dict,
-        list,
-        int,
-        float,
-        str,
-        bool,
-    ]
-
-
-def _unsafe_payload(exc: BaseException) -> bool:
-    text = str(exc)
-    return "Unsupported global" in text or "Unsupported class" in text
-
-
-def safe_load(path: str | Path) -> Any:
-    """Read a checkpoint or encoder file as data: ``torch.load(weights_only=True)`` on CPU, then every metadata
-    value checked to be plain (see ``checkpoint_data``). A missing, corrupt, pickled-object or interpolating file is
-    one CheckpointError naming it."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or corrupt files
-        if "omegaconf" not in str(first):
-            raise _load_error(path, first) from None
-        try:  # Lightning checkpoints of older runs hold OmegaConf containers: exactly those classes allowed
-            with torch.serialization.safe_globals(_omegaconf_globals()):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise _load_error(path, exc) from None
-    return checkpoint_data(obj, path)
-
-
-def _load_error(path: Path, exc: BaseException) -> CheckpointError:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-    first = next((ln.strip() for ln in lines if "Unsupported" in ln), lines[0])[:200]
-    if _unsafe_payload(exc):
-        return CheckpointError(
-            f"{path}: holds pickled Python objects that only an unsafe load would build ({first}); refused: "
-            "checkpoints are read as data (weights and plain values), never as code",
-            fix="use a checkpoint written by liverfusion, or re-save its state_dict with torch.save",
-        )
-    return CheckpointError(
-        f"{path}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: {first}); is it "
-        "truncated or another kind of file?"
-    )
-
-
-_PLAIN = (torch.Tensor, int, float, bool, bytes, type(None), torch.dtype, torch.device)
-
-
-def checkpoint_data(obj: Any, path: str | Path, key: str = "") -> Any:
-    """``obj`` as plain data: OmegaConf containers become dicts/lists *without* resolving them, and any string
-    holding an interpolation (``${...}``) is refused, so no value read from a file is ever resolved as config (a
-    ``${oc.env:...}`` or a custom resolver would run at that point)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(obj, _PLAIN):
-        return obj
-    if isinstance(obj, str):
-        if "${" in obj:
-            raise CheckpointError(
-                f"{path}: {key or 'a value'} holds an interpolation ({obj[:60]!r}): checkpoint metadata is data, "
-                "never config; refused",
-                fix="use a checkpoint written by liverfusion, unedited",
-            )
-        return obj
-    if isinstance(obj, DictConfig | ListConfig):
-        obj = OmegaConf.to_container(obj, resolve=False)
-    if isinstance(obj, Mapping):
-        out = type(obj)() if isinstance(obj, dict) else {}
-        for k, v in obj.items():
-            name = f"{key}.{k}" if key else str(k)
-            out[checkpoint_data(k, path, name) if isinstance(k, str) else k] = checkpoint_data(v, path, name)
-        return out
-    if isinstance(obj, list | tuple):
-        items = [checkpoint_data(v, path, f"{key}[{i}]") for i, v in enumerate(obj)]
-        return (
-            tuple(items)
-            if isinstance(obj, tuple) and not isinstance(obj, torch.Size)
-            else (torch.Size(items) if isinstance(obj, torch.Size) else items)
-        )
-    if isinstance(obj, set | frozenset):
-        return type(obj)(checkpoint_data(v, path, key) for v in obj)
-    raise CheckpointError(f"{path}: {key or 'a value'} is a {type(obj).__name__}, not plain data; refused")
-
-
-def checkpoint_kind(obj: Any) -> str:
-    """What a loaded checkpoint is: ``classifier``, ``ssl`` (a pre-training run), ``encoder.pt`` or ``unknown``."""
-    if not isinstance(obj, Mapping):
-        return "unknown"
-    if obj.get("format") == ENCODER_FORMAT:
-        return "encoder.pt"
-    lf = obj.get("liverfusion")
-    if isinstance(lf, Mapping) and str(lf.get("format", "")).startswith("liverfusion-classifier"):
-        return "classifier"
-    state = obj.get("state_dict")
-    if isinstance(state, Mapping) and any(str(k).startswith(LIGHTNING_PREFIX) for k in state):
-        return "ssl"
-    return "unknown"
-
-
-def _config_beside(path: Path) -> dict[str, Any] | None:
-    """A Lightning checkpoint from ``train`` sits in <run>/checkpoints/: its run's resolved config has the encoder."""
-    for parent in (path.parent.parent, path.parent):
-        cfg_file = parent / "config_resolved.yaml"
-        if cfg_file.is_file():
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.load(cfg_file)
-            enc = OmegaConf.select(cfg, "model.encoder")
-            if enc is not None:
-                from liverfusion.models.encoder_factory import build_encoder
-
-                enc = plain(OmegaConf.to_container(enc, resolve=False))
-                args = {k: v for k, v in enc.items() if not k.startswith("_") and k not in _PROVENANCE_KEYS}
-                try:  # build it: the live config fills the defaults (null shortcut -> the arch's own)
-                    return build_encoder(**args).config()
-                except Exception as exc:
-                    log.warning("%s: encoder config could not be rebuilt (%s)", cfg_file, exc)
-    return None
-
-
-def read_encoder_file(path: str | Path) -> EncoderFile:
-    """Read ``encoder.pt`` or a Lightning checkpoint of an SSL run (encoder weights under ``encoder.``)."""
-    path = Path(path).expanduser()
-    obj = safe_load(path)
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
-    if obj.get("format") == ENCODER_FORMAT:
-        state = obj.get("state_dict")
-        if not isinstance(state, Mapping):
-            raise CheckpointError(f"{path}: encoder file without a state_dict")
-        meta = {k: plain(v) for k, v in obj.items() if k not in ("state_dict", "fusion_state_dict")}
-        fusion_state = obj.get("fusion_state_dict")
-        if fusion_state is not None and not isinstance(fusion_state, Mapping):
-            raise CheckpointError(
-                f"{path}: fusion_state_dict is a {type(fusion_state).__name__}, not a state dict"
-            )
-        return EncoderFile(
-            path=path,
-            kind="encoder.pt",
-            state_dict=dict(state),
-            encoder_config=plain(obj.get("encoder_config")),
-            modalities=plain(obj.get("modalities")),
-            preprocess=plain(obj.get("preprocess")),
-            input_shape=plain(obj.get("input_shape")),
-            meta=meta,
-            fusion_state_dict=None if fusion_state is None else dict(fusion_state),
-            fusion_config=plain(obj.get("fusion_config")),
-        )
-    if "state_dict" in obj and "pytorch-lightning_version" in obj:
-        if obj.get("liverfusion", {}).get("format", "").startswith("liverfusion-classifier"):
-            prefix = "net.encoder."
-        else:
-            prefix = LIGHTNING_PREFIX
-        state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
-        if not state:
-            heads = sorted({k.split(".")[0] for k in obj["state_dict"]})
-            raise CheckpointError(
-                f"{path}: Lightning checkpoint has no weights under {prefix!r} (top-level modules: {heads}); "
-                "is it a liverfusion SSL or classifier checkpoint?"
-            )
-        hp = plain(obj.get("hyper_parameters") or {})
-        lf = plain(obj.get("liverfusion") or {})
-        spec = lf or hp.get("data_spec") or {}
-        enc_cfg = lf.get("encoder_config") or hp.get("encoder_config") or _config_beside(path)
-        backbone = hp.get("backbone") if prefix == LIGHTNING_PREFIX else None
-        fusion_state, fusion_cfg = None, None
-        if isinstance(backbone, Mapping) and backbone.get("kind") == "stack":  # an SSL run on whole stacks
-            fusion_state = {
-                k[len("fusion.") :]: v for k, v in obj["state_dict"].items() if k.startswith("fusion.")
-            }
-            fusion_cfg = backbone.get("fusion")
-        return EncoderFile(
-            path=path,
-            kind="lightning",
-            state_dict=state,
-            encoder_config=enc_cfg,
-            modalities=spec.get("modalities"),
-            preprocess=spec.get("preprocess"),
-            input_shape=spec.get("input_shape"),
-            meta={
-                "epoch": obj.get("epoch"),
-                "global_step": obj.get("global_step"),
-                "dataset": spec.get("dataset"),
-            },
-            fusion_state_dict=fusion_state,
-            fusion_config=fusion_cfg,
-        )
-    keys = sorted(obj)[:10]
-    raise CheckpointError(
-        f"{path}: neither an encoder export (format {ENCODER_FORMAT!r}) nor a Lightning checkpoint; keys: {keys}"
-    )
-
-
 def _check_architecture(file: EncoderFile, encoder: Encoder) -> list[str]:
     """Refuse another architecture / channel count; return notes when only tensor shapes could be compared."""
     notes: list[str] = []
@@ -330,8 +97,8 @@ def _check_architecture(file: EncoderFile, encoder: Encoder) -> list[str]:
         )
     if found is not None:
         diffs = encoder_config_diff(
-            {k: v for k, v in want.items() if k not in _PROVENANCE_KEYS},
-            {k: v for k, v in found.items() if k not in _PROVENANCE_KEYS},
+            {k: v for k, v in want.items() if k not in PROVENANCE_KEYS},
+            {k: v for k, v in found.items() if k not in PROVENANCE_KEYS},
         )
         if diffs:
             raise CheckpointError(
@@ -393,10 +160,32 @@ def _check_modalities(file: EncoderFile, modalities: list[str]) -> list[str]:
     return [msg]
 
 
-def _key_report(
-    state: Mapping[str, torch.Tensor], module: nn.Module
-) -> tuple[list[str], list[str], list[str]]:
-    own = module.state_dict()
+def _listing(label: str, keys: list[str]) -> str:
+    more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+    return f"{label} {len(keys)}: {', '.join(keys[:8])}{more}"
+
+
+def _load_checked(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    path: Path,
+    what: str,
+    misfit: str,
+    strict_keys: bool = True,
+    fresh: str | None = None,
+    hint: str = "",
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The one way file weights go into a module (in place): one key report against ``module.state_dict()``.
+
+    Mis-shaped keys are refused (``<path>: <misfit>; <listing>``), and missing or unexpected ones too unless
+    ``strict_keys=False``, which loads the matching keys only (``hint`` ends a refusal without mis-shaped keys).
+    Keys under ``fresh`` (a fusion block's class head) are left out on both sides and keep the module's weights.
+    Returns (the loaded state, missing, unexpected)."""
+
+    def kept(keys: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in keys.items() if fresh is None or not k.startswith(fresh)}
+
+    own, state = kept(module.state_dict()), kept(state)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mis_shaped = [
@@ -404,12 +193,25 @@ def _key_report(
         for k in sorted(set(own) & set(state))
         if tuple(state[k].shape) != tuple(own[k].shape)
     ]
-    return missing, unexpected, mis_shaped
-
-
-def _listing(label: str, keys: list[str]) -> str:
-    more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
-    return f"{label} {len(keys)}: {', '.join(keys[:8])}{more}"
+    if mis_shaped or (strict_keys and (missing or unexpected)):
+        parts = [
+            _listing(label, keys)
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", mis_shaped),
+            )
+            if keys
+        ]
+        raise CheckpointError(f"{path}: {misfit}; " + "; ".join(parts) + ("" if mis_shaped else hint))
+    state = {k: v for k, v in state.items() if k not in unexpected}
+    result = module.load_state_dict(state, strict=False)
+    left = [k for k in result.missing_keys if k not in missing and (fresh is None or not k.startswith(fresh))]
+    if (
+        left or result.unexpected_keys
+    ):  # cannot happen after the report above; never load half a module silently
+        raise CheckpointError(f"{path}: {what} load left {left} / {result.unexpected_keys}")
+    return state, missing, unexpected
 
 
 def load_pretrained_encoder(
@@ -449,9 +251,6 @@ def load_pretrained_network(
     return report
 
 
-FUSION_HEAD_PREFIX = "head."  # every fusion block's class head is ``self.head``
-
-
 def load_pretrained_fusion(fusion: nn.Module, file: EncoderFile, modalities: list[str]) -> dict[str, Any]:
     """Load ``file``'s fusion block into ``fusion`` (in place) when it is the same block on the same modalities;
     the class head keeps its fresh weights. Returns ``{"loaded", "name", "tensors", "reason"}``."""
@@ -473,31 +272,14 @@ def load_pretrained_fusion(fusion: nn.Module, file: EncoderFile, modalities: lis
     if reason is not None:
         log.warning("%s: fusion block not loaded: %s", file.path, reason)
         return {"loaded": False, "name": name, "tensors": 0, "reason": reason}
-    own = {k: v for k, v in fusion.state_dict().items() if not k.startswith(FUSION_HEAD_PREFIX)}
-    state = {k: v for k, v in file.fusion_state_dict.items() if not k.startswith(FUSION_HEAD_PREFIX)}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    mis_shaped = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or mis_shaped:
-        parts = [
-            _listing(label, keys)
-            for label, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("shape mismatch", mis_shaped),
-            )
-            if keys
-        ]
-        raise CheckpointError(f"{file.path}: fusion weights do not fit fusion {name!r}; " + "; ".join(parts))
-    result = fusion.load_state_dict(state, strict=False)
-    left = [k for k in result.missing_keys if not k.startswith(FUSION_HEAD_PREFIX)]
-    if (
-        left or result.unexpected_keys
-    ):  # cannot happen after the checks above; never load half a block silently
-        raise CheckpointError(f"{file.path}: fusion load left {left} / {result.unexpected_keys}")
+    state, _, _ = _load_checked(
+        fusion,
+        file.fusion_state_dict,
+        file.path,
+        "fusion",
+        f"fusion weights do not fit fusion {name!r}",
+        fresh=FUSION_HEAD_PREFIX,
+    )
     log.info("fusion block %r loaded from %s (%d tensors; class head fresh)", name, file.path, len(state))
     return {"loaded": True, "name": name, "tensors": len(state), "reason": None}
 
@@ -524,23 +306,15 @@ def _load_encoder(
             "other phases; pre-train on the same modalities in the same order"
         )
     notes += _check_modalities(file, modalities)
-    state = {k.removeprefix("module."): v for k, v in file.state_dict.items()}
-    missing, unexpected, mis_shaped = _key_report(state, encoder)
-    if mis_shaped or (strict_keys and (missing or unexpected)):
-        parts = [
-            _listing(label, keys)
-            for label, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("shape mismatch", mis_shaped),
-            )
-            if keys
-        ]
-        raise CheckpointError(
-            f"{file.path}: weights do not fit the encoder; "
-            + "; ".join(parts)
-            + ("" if mis_shaped else " (model.pretrained.strict_keys=false loads the matching keys only)")
-        )
+    state, missing, unexpected = _load_checked(
+        encoder,
+        {k.removeprefix("module."): v for k, v in file.state_dict.items()},
+        file.path,
+        "encoder",
+        "weights do not fit the encoder",
+        strict_keys=strict_keys,
+        hint=STRICT_KEYS_HINT,
+    )
     if missing or unexpected:
         notes.append(
             f"{file.path}: partial load; "
@@ -548,8 +322,6 @@ def _load_encoder(
                 _listing(lbl, k) for lbl, k in (("missing", missing), ("unexpected", unexpected)) if k
             )
         )
-        state = {k: v for k, v in state.items() if k not in unexpected}
-    encoder.load_state_dict(state, strict=not (missing or unexpected))
     for note in notes:
         log.warning(note)
     source = {

@@ -27,7 +27,8 @@ from liverfusion.errors import CheckpointError, ConfigError, DataError
 from liverfusion.metrics.ssl_diagnostics import FeatureSet
 from liverfusion.models.encoder_base import Encoder
 from liverfusion.models.encoder_factory import build_encoder
-from liverfusion.modules.encoder_loading import load_pretrained_encoder, read_encoder_file
+from liverfusion.modules.encoder_file import read_encoder_file
+from liverfusion.modules.encoder_loading import load_pretrained_encoder
 from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)

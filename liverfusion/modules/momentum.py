@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from liverfusion.errors import ConfigError
-from liverfusion.modules.ssl_base import Schema, SSLModule
+from liverfusion.modules.ssl_base import SSLModule
+from liverfusion.modules.ssl_config import Schema
 
 
 def cosine_tau(step: int, total_steps: int, base_tau: float, final_tau: float) -> float:

@@ -11,7 +11,8 @@ from torch import nn
 
 from liverfusion.models.heads import PredictionHead, ProjectionHead
 from liverfusion.models.losses import SimSiamLoss
-from liverfusion.modules.ssl_base import Schema, SSLModule
+from liverfusion.modules.ssl_base import SSLModule
+from liverfusion.modules.ssl_config import Schema
 
 
 class SimSiam(SSLModule):

@@ -1,9 +1,11 @@
 """Base self-supervised LightningModule (solo-learn's BaseMethod idea, our own code): a backbone (the shared
 encoder, or encoder + fusion block on whole stacks), the objective's loop over the batch's list of views (every
 pair, or the hybrid shared/specific split), an optional phase-ID head, optimiser with parameter groups, lr scaled by
-the global batch, warm-up + cosine, an epoch-level collapse metric with an alarm, a kNN monitor, an optional online
-linear probe, and the ``encoder.pt`` export. Methods (SimSiam, BYOL, VICReg) subclass it and implement their heads
-and their loss on one pair of views; docs/extending.md, "Adding an SSL method".
+the global batch, warm-up + cosine, and the ``encoder.pt`` export. Its parts live beside it: the accepted config
+and views (``ssl_config``), the collapse metric and its alarm (``ssl_health.CollapseWatch``), the kNN monitor and
+the online linear probe (``ssl_monitor.OnlineMonitor``), the file format (``encoder_file``). Methods (SimSiam, BYOL,
+VICReg) subclass it and implement their heads and their loss on one pair of views; docs/extending.md, "Adding an
+SSL method".
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import abc
 import itertools
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,28 +21,30 @@ from typing import Any, ClassVar, NamedTuple
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
-from torchmetrics.functional.classification import multiclass_f1_score
 
-import liverfusion
 from liverfusion.errors import ConfigError, LiverfusionError
-from liverfusion.metrics.knn import case_vectors, knn_scores
-from liverfusion.models.collapse import L2NormalizedStd, collapse_level
 from liverfusion.models.ssl_backbone import build_backbone, fusion_config
+from liverfusion.modules.encoder_file import encoder_payload, log_encoder_artifact, write_encoder_file
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, scaled_lr, split_decay
-from liverfusion.utils.checkpoint_io import save_atomic
-from liverfusion.utils.config_sections import check_section
+from liverfusion.modules.ssl_config import (
+    OBJECTIVES,
+    Schema,
+    check_view_plan,
+    checked_config,
+    checked_views,
+)
+from liverfusion.modules.ssl_health import (
+    COLLAPSE_KINDS,
+    CollapseWatch,
+    TrainingDivergedError,
+    collapse_metric,
+)
+from liverfusion.modules.ssl_monitor import OnlineMonitor
 from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
-
-ENCODER_FORMAT = "liverfusion-encoder/1"
-BANK, QUERY = 0, 1  # validation dataloader indices of the kNN monitor
-
-
-class TrainingDivergedError(LiverfusionError, FloatingPointError):
-    """The loss became NaN or infinite: names the step and the cases of the batch."""
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:
@@ -53,43 +56,6 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     return module
 
 
-# model sections every SSL method takes: (required keys, optional keys); None = a plain value, not a section
-Schema = dict[str, "tuple[tuple[str, ...], tuple[str, ...]] | None"]
-BASE_SCHEMA: Schema = {
-    "backbone": (("kind", "fusion"), ()),
-    "objective": (("name", "shared_fraction"), ()),
-    "phase_head": (("weight",), ()),
-    "optimizer": (
-        ("name", "base_lr", "momentum", "weight_decay", "exclude_bn_bias", "lr_reference_batch"),
-        ("nesterov", "betas"),
-    ),
-    "scheduler": (("warmup_fraction", "min_lr_ratio"), ("warmup_steps",)),
-    "knn": (("enabled", "k", "temperature"), ()),
-    "probe": (("enabled", "lr"), ()),
-    "collapse": (("alarm_fraction", "stop"), ()),
-    "export": (("filename", "wandb_artifact"), ()),
-    "channels_last": None,
-}
-OBJECTIVES = ("pair", "hybrid")
-COLLAPSE_KINDS = ("l2", "raw")
-
-
-class RawStd(L2NormalizedStd):
-    """Epoch-level per-dimension std (over the batch) of the raw embedding, averaged over dimensions.
-
-    For embeddings that are not normalised (VICReg's expander output): its variance term keeps every
-    dimension's std at or above ``gamma``, and a collapsed embedding gives 0.
-    """
-
-    def update(self, z: torch.Tensor) -> None:
-        if z.ndim != 2 or z.shape[1] != self.dim:
-            raise ValueError(f"RawStd(dim={self.dim}) got z of shape {tuple(z.shape)}")
-        u = z.detach().to(torch.float64)
-        self.total += u.sum(dim=0)
-        self.total_sq += (u * u).sum(dim=0)
-        self.count += u.shape[0]
-
-
 class SSLStepOutput(NamedTuple):
     """``loss``; ``z``: per embedding part ("all", or "shared"/"specific"), the embeddings of its views for the
     collapse metric; ``feats``: pooled features of view 0 (the online probe's input)."""
@@ -99,7 +65,7 @@ class SSLStepOutput(NamedTuple):
     feats: torch.Tensor
 
 
-class SSLModule(L.LightningModule, abc.ABC):
+class SSLModule(OnlineMonitor, CollapseWatch, L.LightningModule, abc.ABC):
     """Shared training logic of the SSL methods (subclass it; see docs/extending.md, "Adding an SSL method").
 
     Every value comes from the config (``conf/model/<method>.yaml``, shared sections in ``conf/model/_ssl.yaml``);
@@ -129,7 +95,6 @@ class SSLModule(L.LightningModule, abc.ABC):
     """
 
     SCHEMA: ClassVar[Schema] = {}
-    collapse_kind: ClassVar[str] = "l2"  # l2: std of l2-normalised z (healthy ~ 1/sqrt(d)) | raw: see RawStd
 
     def __init__(
         self,
@@ -138,7 +103,7 @@ class SSLModule(L.LightningModule, abc.ABC):
         **config: Any,
     ):
         super().__init__()
-        self.cfg = self._checked_config(config)
+        self.cfg = checked_config(type(self), config)
         self.optimizer_cfg = self.cfg["optimizer"]
         self.scheduler_cfg = self.cfg["scheduler"]
         self.knn_cfg = self.cfg["knn"]
@@ -217,10 +182,7 @@ class SSLModule(L.LightningModule, abc.ABC):
             else:
                 self.add_module(f"{part}_heads", nn.ModuleDict(heads))
         self.collapse_metrics = nn.ModuleDict(
-            {
-                part: (L2NormalizedStd if self.collapse_kind == "l2" else RawStd)(self.z_dim)
-                for part in self.part_slices
-            }
+            {part: collapse_metric(self.collapse_kind, self.z_dim) for part in self.part_slices}
         )
         self.step_logs: dict[str, torch.Tensor] = {}
         self._val: dict[int, dict[str, list[torch.Tensor]]] = {}
@@ -234,34 +196,6 @@ class SSLModule(L.LightningModule, abc.ABC):
         hparams["encoder_config"] = config_of() if callable(config_of) else None
         hparams["data_spec"] = self.data_spec
         self.save_hyperparameters(to_plain(hparams))
-
-    def _checked_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        schema = dict(BASE_SCHEMA)
-        for klass in reversed(
-            type(self).__mro__
-        ):  # every class's own sections (a momentum base adds ``ema``)
-            schema.update(klass.__dict__.get("SCHEMA", {}))
-        name = type(self).__name__
-        unknown = sorted(set(config) - set(schema))
-        if unknown:
-            raise ConfigError(f"model: unknown key(s) {unknown} for {name}; known keys: {sorted(schema)}")
-        missing = sorted(set(schema) - set(config))
-        if missing:
-            raise ConfigError(
-                f"model: {name} is missing {missing}; the defaults live in conf/model/<method>.yaml (compose it, "
-                "or build the arguments with liverfusion.utils.config_sections.model_config)"
-            )
-        out: dict[str, Any] = {}
-        for key, spec in schema.items():
-            value = config[key]
-            if spec is None:
-                out[key] = to_plain(value)
-            elif key == "backbone":  # its fusion is a Hydra partial: kept as given
-                section = check_section(key, value, *spec)
-                out[key] = {"kind": section["kind"], "fusion": section["fusion"]}
-            else:
-                out[key] = to_plain(check_section(key, to_plain(value), *spec))
-        return out
 
     # ---- what a method implements ----
     @abc.abstractmethod
@@ -282,15 +216,6 @@ class SSLModule(L.LightningModule, abc.ABC):
     @abc.abstractmethod
     def z_dim(self) -> int:
         """Width of the embedding the collapse metric reads (the metric's d)."""
-
-    def collapse_embedding(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return out["z"]
-
-    def collapse_scale(self) -> float:
-        """The std of a healthy embedding: 1/sqrt(d) for l2-normalised z; raw embeddings must override."""
-        if self.collapse_kind == "l2":
-            return 1.0 / math.sqrt(self.z_dim)
-        raise TypeError(f"{type(self).__name__} has collapse_kind=raw: it must define collapse_scale()")
 
     def fixed_lr_heads(self) -> set[str]:
         """Names of heads whose lr stays at the initial value (SimSiam's predictor)."""
@@ -334,55 +259,11 @@ class SSLModule(L.LightningModule, abc.ABC):
 
     def check_view_plan(self, plan: Mapping[str, Any]) -> None:
         """Refuse a data module whose views this module cannot use (``dm.view_plan``), before training."""
-        policy, kind, views = plan.get("policy"), plan.get("kind"), int(plan.get("views", 2))
-        mine = self.backbone.kind
-        if kind is not None and kind != mine:
-            fix = (
-                "use model.backbone.kind=stack (+experiment=stack_pretrain), or another data.pairs.policy"
-                if kind == "stack"
-                else "set data.pairs.policy=stack, or model.backbone.kind=modality"
-            )
-            raise ConfigError(
-                f"data.pairs.policy={policy!r} gives {kind} views but model.backbone.kind={mine!r} reads "
-                f"{'one phase' if mine == 'modality' else 'whole stacks'} per view; {fix}"
-            )
-        if self.objective == "hybrid" and (policy != "hybrid" or views != 3):
-            raise ConfigError(
-                f"model.objective.name=hybrid needs the 3 views of data.pairs.policy=hybrid (anchor, another phase, "
-                f"the anchor again), but data.pairs.policy={policy!r} gives {views}; set data.pairs.policy=hybrid "
-                "(+experiment=hybrid_pretrain) or model.objective.name=pair"
-            )
-        if views < 2:
-            raise ConfigError(f"data.pairs.policy={policy!r} gives {views} view(s); an SSL method needs >= 2")
+        check_view_plan(plan, self.backbone.kind, self.objective)
 
     def checked_views(self, batch: Mapping[str, Any]) -> list[torch.Tensor]:
         """``batch["views"]``, refused (ConfigError) when this module cannot use that layout."""
-        views = batch.get("views") if isinstance(batch, Mapping) else None
-        if not isinstance(views, list | tuple) or len(views) < 2:
-            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ConfigError(
-                f"an SSL batch needs batch['views'], a list of >= 2 views (liverfusion.data.mda); got {keys}"
-            )
-        if self.objective == "hybrid" and len(views) != 3:
-            raise ConfigError(
-                f"model.objective.name=hybrid needs the 3 views of data.pairs.policy=hybrid, got {len(views)} views"
-            )
-        channels = sorted({int(v.shape[1]) if v.ndim == 5 else -1 for v in views})
-        want = 1 if self.backbone.kind == "modality" else len(self.modalities)
-        if channels != [want]:
-            if self.backbone.kind == "modality":
-                msg = (
-                    f"model.backbone.kind=modality reads one phase per view (C=1), got views (N, C, D, H, W) with C "
-                    f"in {channels}: data.pairs.policy=stack gives whole stacks; use model.backbone.kind=stack "
-                    "(+experiment=stack_pretrain) or a pair policy (cross, same, mixed, hybrid)"
-                )
-            else:
-                msg = (
-                    f"model.backbone.kind=stack reads whole stacks (C={want} modalities), got views with C in "
-                    f"{channels}: set data.pairs.policy=stack"
-                )
-            raise ConfigError(msg)
-        return list(views)
+        return checked_views(batch, self.backbone.kind, self.objective, len(self.modalities))
 
     # ---- training ----
     def ssl_step(self, batch: dict) -> SSLStepOutput:
@@ -454,65 +335,8 @@ class SSLModule(L.LightningModule, abc.ABC):
                 batch_size=n,
             )
         if self.probe is not None:
-            loss = loss + self._probe_train_loss(feats, batch, n)
+            loss = loss + self.probe_train_loss(feats, batch, n)
         return loss
-
-    def _probe_train_loss(self, feats: torch.Tensor, batch: dict, n: int) -> torch.Tensor:
-        """Cross-entropy of the linear probe on detached features of labelled cases (0 when none is labelled)."""
-        labels = torch.as_tensor(batch["label"], device=feats.device)
-        keep = labels >= 0
-        logits = self.probe(feats.detach()[keep])
-        if not bool(keep.any()):
-            return logits.sum() * 0.0  # keeps the probe in the graph (DDP expects every parameter used)
-        probe_loss = F.cross_entropy(logits, labels[keep])
-        acc = (logits.argmax(1) == labels[keep]).float().mean()
-        k = int(keep.sum())
-        self.log(
-            "monitor/probe_train_loss", probe_loss, on_step=False, on_epoch=True, batch_size=k, sync_dist=True
-        )
-        self.log("monitor/probe_train_acc", acc, on_step=False, on_epoch=True, batch_size=k, sync_dist=True)
-        return probe_loss
-
-    def collapse_from_std(self, z_std: float) -> float:
-        """0 for a healthy embedding, 1 for a constant one (see :meth:`collapse_scale`)."""
-        if self.collapse_kind == "l2":
-            return float(collapse_level(z_std, self.z_dim))
-        return 1.0 - z_std / self.collapse_scale()
-
-    def on_train_epoch_end(self) -> None:
-        worst: tuple[float, float, str] | None = None  # (collapse, z_std, part)
-        for part, metric in self.collapse_metrics.items():  # same order on every rank (all_gather inside)
-            if float(metric.count) == 0 and self.trainer.world_size == 1:
-                continue
-            z_std = float(metric.compute())  # all z of the epoch, all processes
-            metric.reset()
-            level = self.collapse_from_std(z_std)
-            if len(self.collapse_metrics) > 1:
-                self.log(f"train/z_std_{part}", z_std, sync_dist=False)
-                self.log(f"train/collapse_{part}", level, sync_dist=False)
-            if worst is None or level > worst[0]:
-                worst = (level, z_std, part)
-        if worst is None:
-            return
-        level, z_std, part = worst
-        self.log("train/z_std", z_std, sync_dist=False)
-        self.log("train/collapse", level, sync_dist=False)
-        fraction = float(self.collapse_cfg["alarm_fraction"])
-        d = self.z_dim
-        if self.collapse_kind == "l2":
-            threshold = fraction / math.sqrt(d)
-            rule = f"{self.collapse_cfg['alarm_fraction']} / sqrt({d})"
-        else:
-            threshold = fraction * self.collapse_scale()
-            rule = f"{self.collapse_cfg['alarm_fraction']} x {self.collapse_scale():g}"
-        if z_std < threshold:
-            where = "" if part == "all" else f" ({part} part)"
-            rank_zero_warn(
-                f"collapse alarm at epoch {self.current_epoch}{where}: z_std {z_std:.4f} < {rule} = {threshold:.4f}"
-                + ("; stopping (model.collapse.stop=true)" if self.collapse_cfg["stop"] else "")
-            )
-            if self.collapse_cfg["stop"]:
-                self.trainer.should_stop = True
 
     def setup(self, stage: str) -> None:
         """Check the data module's ``view_plan`` (when it has one) before the first batch."""
@@ -521,105 +345,6 @@ class SSLModule(L.LightningModule, abc.ABC):
         plan = getattr(getattr(self.trainer, "datamodule", None), "view_plan", None)
         if isinstance(plan, Mapping):
             self.check_view_plan(plan)
-
-    # ---- monitors over frozen features: kNN (bank = labelled train cases, queries = val cases) + probe ----
-    @torch.no_grad()
-    def monitor_features(
-        self, image: torch.Tensor, present: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, S, F) features of whole cases and their (N, S) mask: every modality on its own for the modality
-        backbone (missing ones zero), one fused slot for a stack backbone."""
-        return self.backbone.monitor_features(image, present, self.prepare_input)
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not (self.knn_cfg["enabled"] or self.probe is not None):
-            return
-        per_slot, mask = self.monitor_features(batch["image"], batch["present"])
-        store = self._val.setdefault(dataloader_idx, {"feats": [], "labels": [], "index": [], "probe": []})
-        store["feats"].append(case_vectors(per_slot, mask).float())  # the kNN input
-        store["labels"].append(torch.as_tensor(batch["label"], device=self.device))
-        store["index"].append(torch.as_tensor(batch["index"], device=self.device))
-        if self.probe is not None and dataloader_idx == QUERY:
-            weights = mask.to(per_slot.dtype)
-            logits = self.probe(per_slot) * weights.unsqueeze(
-                -1
-            )  # mean over the slots (modalities) a case has
-            store["probe"].append(logits.sum(1) / weights.sum(1, keepdim=True).clamp_min(1))
-
-    def gather_unique(self, tensors: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-        """All processes' rows, each dataset item once.
-
-        Shards may differ in length, and DistributedSampler pads them by repeating items, so rows are padded to
-        a common length for ``all_gather``, trimmed back, and de-duplicated by the dataset index.
-        """
-        if self.trainer.world_size > 1:
-            sizes = self.all_gather(torch.tensor([index.shape[0]], device=self.device)).flatten().tolist()
-            longest = max(sizes)
-
-            def gather(t: torch.Tensor) -> torch.Tensor:
-                padded = F.pad(t, [0, 0] * (t.ndim - 1) + [0, longest - t.shape[0]])
-                g = self.all_gather(padded)  # (world, longest, ...)
-                return torch.cat([g[r, : sizes[r]] for r in range(len(sizes))])
-
-            tensors = [gather(t) for t in tensors]
-            index = gather(index)
-        order = torch.argsort(index, stable=True)
-        index = index[order]
-        first = torch.ones_like(index, dtype=torch.bool)
-        first[1:] = index[1:] != index[:-1]
-        return [t[order][first] for t in tensors]
-
-    def _collected(self, idx: int, with_probe: bool = False) -> list[torch.Tensor]:
-        store = self._val.get(idx) or {}
-        width = self.backbone.monitor_width(len(self.modalities))
-        feats = torch.cat(store["feats"]) if store.get("feats") else torch.zeros(0, width, device=self.device)
-        labels = (
-            torch.cat(store["labels"])
-            if store.get("labels")
-            else torch.zeros(0, dtype=torch.long, device=self.device)
-        )
-        index = (
-            torch.cat(store["index"])
-            if store.get("index")
-            else torch.zeros(0, dtype=torch.long, device=self.device)
-        )
-        out = [feats, labels.long()]
-        if with_probe:
-            out.append(
-                torch.cat(store["probe"])
-                if store.get("probe")
-                else torch.zeros(0, self.num_classes, device=self.device)
-            )
-        return self.gather_unique(out, index.long())
-
-    def on_validation_epoch_end(self) -> None:
-        nothing_here = not self._val and self.trainer.world_size == 1  # under DDP every rank must gather
-        if not self.num_classes or not (self.knn_cfg["enabled"] or self.probe is not None) or nothing_here:
-            self._val.clear()
-            return
-        bank, bank_y = self._collected(BANK)
-        query, query_y, *probe = self._collected(QUERY, with_probe=self.probe is not None)
-        self._val.clear()
-        if len(bank) == 0 or len(query) == 0:
-            return
-        self.log("monitor/knn_bank", float(len(bank)))  # each case once, whatever the sharding across ranks
-        self.log("monitor/knn_queries", float(len(query)))
-        if self.knn_cfg["enabled"]:
-            scores = knn_scores(
-                bank,
-                bank_y,
-                query,
-                query_y,
-                self.num_classes,
-                int(self.knn_cfg["k"]),
-                float(self.knn_cfg["temperature"]),
-            )
-            self.log("monitor/knn_f1", scores["f1"])
-            self.log("monitor/knn_acc", scores["acc"])
-        if probe:
-            self.log(
-                "monitor/probe_f1", multiclass_f1_score(probe[0], query_y, self.num_classes, average="macro")
-            )
 
     # ---- optimisation ----
     def global_batch(self) -> tuple[int, int, int]:
@@ -673,23 +398,18 @@ class SSLModule(L.LightningModule, abc.ABC):
         return int(seed) if seed is not None else None
 
     def encoder_payload(self) -> dict[str, Any]:
-        return {
-            "format": ENCODER_FORMAT,
-            "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()},
-            "encoder_config": self.encoder.config(),
-            "modalities": self.modalities,
-            "input_shape": self.data_spec.get("input_shape"),
-            "preprocess": self.data_spec.get("preprocess"),
-            "dataset": self.data_spec.get("dataset"),
-            "layout": self.data_spec.get("layout"),
-            "method": type(self).__name__,
-            **self.backbone.export(),  # stack runs: fusion_state_dict + fusion_config (the block without its head)
-            "hparams": to_plain({k: v for k, v in self.hparams.items() if k != "data_spec"}),
-            "seed": self.run_seed(),
-            "epochs": int(self.current_epoch),
-            "global_step": int(self.global_step),
-            "liverfusion_version": liverfusion.__version__,
-        }
+        """This run's ``encoder.pt`` dict (:func:`liverfusion.modules.encoder_file.encoder_payload`)."""
+        return encoder_payload(
+            self.encoder,
+            method=type(self).__name__,
+            modalities=self.modalities,
+            data_spec=self.data_spec,
+            backbone_keys=self.backbone.export(),  # stack runs: fusion_state_dict + fusion_config too
+            hparams={k: v for k, v in self.hparams.items() if k != "data_spec"},
+            seed=self.run_seed(),
+            epochs=self.current_epoch,
+            global_step=self.global_step,
+        )
 
     def on_fit_end(self) -> None:
         self.export_encoder()
@@ -704,43 +424,11 @@ class SSLModule(L.LightningModule, abc.ABC):
             else Path(self.trainer.default_root_dir)
         )
         path = folder / self.export_cfg["filename"]
-        # same-folder temp + rename, fsynced: a full disk leaves the previous encoder.pt intact and names the file
-        save_atomic(self.encoder_payload(), path)
+        payload = self.encoder_payload()
+        write_encoder_file(payload, path)
         self.encoder_path = path
         log.info("encoder written to %s", path)
         print(f"encoder written to {path}")
         if self.export_cfg["wandb_artifact"]:
-            self._log_artifact(path)
+            log_encoder_artifact(self.trainer.loggers, path, payload)
         return path
-
-    def _log_artifact(self, path: Path) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        for lg in self.trainer.loggers:
-            if isinstance(lg, WandbLogger):
-                import wandb
-
-                meta = {
-                    k: v
-                    for k, v in self.encoder_payload().items()
-                    if k not in ("state_dict", "fusion_state_dict")
-                }
-                art = wandb.Artifact(f"encoder-{lg.experiment.id}", type="model", metadata=meta)
-                art.add_file(str(path))
-                lg.experiment.log_artifact(art)
-
-
-def load_encoder_payload(path: str | Path) -> dict[str, Any]:
-    """Read an exported ``encoder.pt`` safely (``weights_only``) and check its format marker."""
-    from liverfusion.errors import CheckpointError
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"encoder file {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
-        raise CheckpointError(f"encoder file {path} cannot be read with weights_only=True: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
-        raise CheckpointError(f"encoder file {path} is not a {ENCODER_FORMAT} export")
-    return payload
