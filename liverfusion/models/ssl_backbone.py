@@ -229,7 +229,7 @@ def build_backbone(
 
 
 def backbone_from_export(payload: Mapping[str, Any]) -> SSLBackbone:
-    """The pre-trained backbone of an ``encoder.pt`` payload (``liverfusion.modules.ssl_base.load_encoder_payload``),
+    """The pre-trained backbone of an ``encoder.pt`` payload (``liverfusion.modules.encoder_file.load_encoder_payload``),
     weights loaded: the encoder alone, or encoder + fusion block for ``stack`` runs. Files without a ``backbone``
     entry (the main of 2026-12-02) are modality backbones. For diagnostics on what pre-training produced."""
     from liverfusion.models.encoder_factory import build_encoder

@@ -27,20 +27,19 @@ from liverfusion.errors import CheckpointError, ConfigError, DataError
 from liverfusion.metrics.ssl_diagnostics import FeatureSet
 from liverfusion.models.encoder_base import Encoder
 from liverfusion.models.encoder_factory import build_encoder
-from liverfusion.modules.encoder_file import read_encoder_file
+from liverfusion.modules.encoder_file import PROVENANCE_KEYS, read_encoder_file
 from liverfusion.modules.encoder_loading import load_pretrained_encoder
 from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
 RANDOM_SOURCES = ("random", "random_bn")
-_PROVENANCE_KEYS = ("pretrained", "weights_path")
 
 
 def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:
     """An encoder config (Hydra node or ``Encoder.config()``) as ``build_encoder`` arguments, no weights named."""
     cfg = to_plain(dict(config))
-    return {k: v for k, v in cfg.items() if not str(k).startswith("_") and k not in _PROVENANCE_KEYS}
+    return {k: v for k, v in cfg.items() if not str(k).startswith("_") and k not in PROVENANCE_KEYS}
 
 
 def build_frozen_encoder(
