@@ -256,6 +256,19 @@ def test_training_gradients_reach_encoder_and_fusion():
     assert net.fusion.blocks[0].conv3d.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["cgc", "late_concat"])
+def test_bf16_autocast_trains_with_a_missing_modality(name):
+    """The GPU preset trains under bf16 autocast: the per-modality buffers take the encoder's output dtype (a float32
+    buffer refused the bf16 maps: 'Index put requires the source and destination dtypes match')."""
+    net = _net(name).train()
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(N, M, *SIZE), mask)
+    assert out.logits.shape == (N, K) and torch.isfinite(out.logits.float()).all()
+    out.logits.float().sum().backward()
+    assert net.encoder.conv1.weight.grad.abs().sum() > 0
+
+
 def test_classifier_refuses_inconsistent_parts():
     enc1 = build_encoder(**TINY_ENC)
     late = LateConcatFusion(M, enc1.feature_dim, K)

@@ -113,12 +113,13 @@ class FusionClassifierNet(nn.Module):
             selected = mask & keep
         enc = self.encoder
         map_shape = enc.map_shape(x.shape[2:])
-        pooled = x.new_zeros(n, m, enc.feature_dim)
-        maps = x.new_zeros(n, m, enc.map_channels, *map_shape)
-        if bool(selected.any()):
-            out = enc(x[selected].unsqueeze(1))
-            pooled = pooled.index_put((selected,), out.pooled)
-            maps = maps.index_put((selected,), out.map)
+        if not bool(selected.any()):
+            pooled = x.new_zeros(n, m, enc.feature_dim)
+            return EncodedModalities(pooled, x.new_zeros(n, m, enc.map_channels, *map_shape), mask)
+        out = enc(x[selected].unsqueeze(1))
+        # the buffers take the encoder's output dtypes: under bf16 autocast (the GPU preset) maps come out bf16
+        pooled = out.pooled.new_zeros(n, m, enc.feature_dim).index_put((selected,), out.pooled)
+        maps = out.map.new_zeros(n, m, enc.map_channels, *map_shape).index_put((selected,), out.map)
         return EncodedModalities(pooled, maps, mask)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> ClassifierOutput:
