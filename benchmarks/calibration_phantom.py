@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -33,8 +32,11 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+if __package__:  # imported as benchmarks.calibration_phantom (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/calibration_phantom.py: common.py lies beside it, on sys.path
+    import common
+
 SEED = 90125
 ECE_GOAL = 0.05
 
@@ -63,8 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="a Hydra override for every evaluate call (data / paths of the model's data set), repeatable",
     )
-    p.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench" / "calibration_phantom")
-    p.add_argument("--results", type=Path, default=RESULTS / "calibration_phantom.json")
+    p.add_argument("--workdir", type=Path, default=common.REPO / ".cache" / "bench" / "calibration_phantom")
+    p.add_argument("--results", type=Path, default=common.RESULTS / "calibration_phantom.json")
     return p.parse_args(argv)
 
 
@@ -84,21 +86,16 @@ def demo_model(args: argparse.Namespace) -> Path:
             str(root),
         ]
         print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        subprocess.run(cmd, check=True, cwd=common.REPO)
     return run
 
 
 def evaluate(model: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
     from liverfusion.evaluate import evaluate as run_evaluate
-    from liverfusion.utils.hydra_utils import CONFIG_DIR
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"ckpt_path={model}", *overrides])
+    cfg = common.compose("evaluate", [f"ckpt_path={model}", *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     return run_evaluate(cfg)
@@ -217,13 +214,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    import torch
-
-    from liverfusion.utils.atomic import atomic_write_text
-
-    torch.set_num_threads(args.threads)
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    common.in_process(args.threads, args.workdir)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     model = demo_model(args)
@@ -283,9 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         seconds["gradcam"] = round(time.perf_counter() - t, 1)
     result["seconds"] = seconds
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.results, json.dumps(result, indent=1))
-    atomic_write_text(args.results.with_suffix(".md"), markdown(result))
+    common.write_results(args.results, result, markdown(result))
     print(markdown(result))
     return 0
 

@@ -20,7 +20,6 @@ min/max show the spread. Resumable: finished arms are kept (delete their entry i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -29,9 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))
+if __package__:  # imported as benchmarks.cli_startup (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/cli_startup.py: common.py lies beside it, on sys.path
+    import common
+
+sys.path.insert(0, str(common.REPO))  # the repository's package, installed or not
 from liverfusion.help import COMMANDS  # noqa: E402  (light: no torch)
 
 HEAVY = ("torch", "lightning", "monai", "hydra")
@@ -111,13 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=None)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--results", type=Path, default=RESULTS / "cli_startup.json")
+    p.add_argument("--results", type=Path, default=common.RESULTS / "cli_startup.json")
     args = p.parse_args(argv)
-    from liverfusion.utils.atomic import atomic_write_text
-
     all_arms = arms()
     chosen = args.arms or list(all_arms)
-    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    results = common.read_json(args.results)
     results.setdefault("arms", {})
     results["machine"] = f"{os.cpu_count()} CPU cores, Python {sys.version.split()[0]}"
     load_start = round(os.getloadavg()[0], 2)
@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             measured = True
             results["load_average"] = {"start": load_start}
         print(f"{name}: {r['median_s']:.2f} s (min {r['min_s']:.2f}, max {r['max_s']:.2f})", flush=True)
-        atomic_write_text(args.results, json.dumps(results, indent=1))
+        common.write_json(args.results, results)
     if measured:
         results["load_average"]["end"] = round(os.getloadavg()[0], 2)
-    atomic_write_text(args.results, json.dumps(results, indent=1))
-    atomic_write_text(
-        args.results.with_suffix(".md"),
+    common.write_results(
+        args.results,
+        results,
         "# Command-line start-up (`benchmarks/cli_startup.py`)\n\n"
         "Wall seconds from process start to exit, median of the repeats after one warm-up run.\n\n"
         + table(results)

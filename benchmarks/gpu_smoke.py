@@ -6,6 +6,7 @@ Results are printed and saved to benchmarks/results/gpu_smoke.json (or $OUT when
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -15,11 +16,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from liverfusion.train import train
 from liverfusion.utils.hydra_utils import CONFIG_DIR
+
+if __package__:  # imported as benchmarks.gpu_smoke (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/gpu_smoke.py: common.py lies beside it, on sys.path
+    import common
 
 
 class StepTimer(L.Callback):
@@ -42,8 +47,7 @@ class StepTimer(L.Callback):
 
 
 def run(experiment: str, overrides: list[str], workdir: Path) -> dict:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"+experiment={experiment}", *overrides])
+    cfg = common.compose("train", [f"+experiment={experiment}", *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(workdir / experiment)
     timer = StepTimer()
@@ -74,7 +78,13 @@ def run(experiment: str, overrides: list[str], workdir: Path) -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        description=__doc__
+        + "\nEnvironment: GPU_SMOKE_DIR (work folder), GPU_SMOKE_CASES (phantom cases, 600), "
+        "GPU_SMOKE_FINETUNE (fine-tune experiment, cgc_finetune), OUT (results folder).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU: nothing to check", file=sys.stderr)
         return 1
@@ -116,7 +126,7 @@ def main() -> int:
         )
         report["runs"].append(ft)
         print(json.dumps(ft, indent=1))
-    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / "gpu_smoke.json"
+    out = Path(os.environ.get("OUT") or common.RESULTS) / "gpu_smoke.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"saved {out}")

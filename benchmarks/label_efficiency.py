@@ -6,7 +6,7 @@ the same network from scratch vs an encoder pre-trained on same-modality pairs (
 The method's claim: MDA pre-training helps most when labels are few. Protocol as ``fusion_phantom.py`` (phantom
 seed 4242, split seed 0, folds 0-2, training seed 0, pre-training per fold on that fold's training patients);
 ``data.label_fraction=0.1`` keeps the labels of a class-stratified 10 % of each fold's training patients (at least
-one per class; validation and test stay fully labelled). Arms:
+one per class; validation and test stay fully labelled). Arms (``benchmarks/label_efficiency/arms.yaml``):
 - ``mda_probe`` / ``same_probe``: frozen encoder (MDA / same-modality SimSiam) + CGC + head;
 - ``mda_finetune`` / ``same_finetune``: MDA / same-modality encoder fine-tuned (``+experiment=cgc_finetune``: the
   encoder at the head's lr);
@@ -20,37 +20,22 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusion_phantom import (
-    FOLDS,
-    PHANTOM_SEED,
-    REPO,
-    TRAIN_SEED,
-    base_overrides,
-    preset_variant,
-    pretrain,
-    run_arms,
-    summarise,
-)
+if __package__:  # imported as benchmarks.label_efficiency (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/label_efficiency.py: common.py lies beside it, on sys.path
+    import common
 
 FRACTIONS = (0.1, 1.0)
+ARMS = common.load_yaml("label_efficiency", "arms")
+# the 100 % runs that fusion_phantom.py already made with identical settings
+REUSE = {name: spec["reuse"] for name, spec in ARMS.items() if "reuse" in spec}
 
 
 def arms(work: Path) -> dict[str, list[str]]:
+    """Overrides of every arm (``label_efficiency/arms.yaml``), with the fold's MDA and same-modality encoders."""
     mda = str(work / "pretrain" / "mda" / "fold{fold}" / "checkpoints" / "encoder.pt")
     same = str(work / "pretrain" / "same" / "fold{fold}" / "checkpoints" / "encoder.pt")
-    probe = ["+experiment=cgc_demo", "model.init=pretrained"]
-    tune = ["+experiment=cgc_finetune", "callbacks.step_checkpoint=null"]
-    return {
-        "mda_probe": [*probe, f"model.pretrained.path={mda}"],
-        "same_probe": [*probe, f"model.pretrained.path={same}"],
-        "mda_finetune": [*tune, "model.init=pretrained", f"model.pretrained.path={mda}"],
-        "same_finetune": [*tune, "model.init=pretrained", f"model.pretrained.path={same}"],
-        "scratch": [*tune, "model.init=scratch", "model.finetune.encoder_lr_scale=1.0"],
-    }
-
-
-# the 100 % runs that fusion_phantom.py already made with identical settings
-REUSE = {"mda_probe": "cgc_probe", "mda_finetune": "cgc_finetune", "scratch": "cgc_scratch"}
+    return common.arm_table(ARMS, mda_encoder=mda, same_encoder=same)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -77,11 +62,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--summary-only", action="store_true", help="only aggregate the finished runs")
     args = parser.parse_args(argv)
-    suffix, extra, normalize = preset_variant(normalize=args.normalize)
-    work = Path(args.work or REPO / ".cache" / "benchmarks" / f"fusion_phantom{suffix}").resolve()
-    for fold in FOLDS:
-        pretrain(work, "mda", fold, extra=extra)
-        pretrain(
+    suffix, extra, normalize = common.preset_variant(normalize=args.normalize)
+    work = Path(args.work or common.REPO / ".cache" / "benchmarks" / f"fusion_phantom{suffix}").resolve()
+    for fold in common.FOLDS:
+        common.pretrain(work, "mda", fold, extra=extra)
+        common.pretrain(
             work,
             "same",
             fold,
@@ -97,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if (
                 frac == 1.0
                 and name in REUSE
-                and all((reused / f"fold{f}" / "test" / "summary.json").is_file() for f in FOLDS)
+                and all((reused / f"fold{f}" / "test" / "summary.json").is_file() for f in common.FOLDS)
             ):
                 dirs[f"{name}@{tag}"] = reused
                 continue
@@ -107,19 +92,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         # runs go under <lw>/runs and read fusion_phantom.py's phantom and cache (not a second generated copy that
         # two label-fraction processes would write at once); reused 100 % runs stay where it put them
         dirs.update(
-            run_arms(
+            common.run_arms(
                 lw,
                 sub,
-                FOLDS,
+                common.FOLDS,
                 extra=extra,
                 only=only,
-                base=base_overrides(work),
+                base=common.base_overrides(work),
                 summary_only=args.summary_only,
             )
         )
     notes = (
-        f"Phantom seed {PHANTOM_SEED} (450 cases, untuned), split seed 0, folds {list(FOLDS)}, training seed "
-        f"{TRAIN_SEED}; intensities: {normalize} normalisation. 10 %: `data.label_fraction=0.1` (class-stratified "
+        f"Phantom seed {common.PHANTOM_SEED} (450 cases, untuned), split seed 0, folds {list(common.FOLDS)}, training seed "
+        f"{common.TRAIN_SEED}; intensities: {normalize} normalisation. 10 %: `data.label_fraction=0.1` (class-stratified "
         "share of each fold's training patients, at least one per class; validation/test fully labelled). "
         "Encoders pre-trained per fold on the fold's training patients: MDA (`+experiment=simsiam_pretrain`, cross-phase pairs) and same-modality "
         "(`data.pairs.policy=same`). Command: `python benchmarks/label_efficiency.py"
@@ -137,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for b in ("scratch", "same_finetune")
     ]
     print(
-        summarise(
+        common.summarise(
             dirs,
             work / "label_efficiency",
             f"label_efficiency{suffix}",

@@ -3,12 +3,12 @@ as missing), 5-fold nested CV: scratch vs pretrained, ``early`` vs ``cgc``.
 
     LIVERFUSION_SHARED_DATA=/work/shared/data python benchmarks/lgg_cv.py     # resumable
 
-Protocol (config values, not tuned on the results): ``data=lgg`` (32x96x96 resize, percentile normalisation,
+Protocol (config values and ``benchmarks/lgg_cv/protocol.yaml``, not tuned on the results): ``data=lgg`` (32x96x96 resize, percentile normalisation,
 split seed 0, 5 folds without a test split: fold k tests, fold k+1 validates, the rest trains), training seed 0,
 model selection on the validation fold's AUROC (14 patients: macro-F1 is too coarse there).
 Pre-training: SimSiam on MDA pairs of the 3 sequences, once per fold on that fold's training patients only
 (``+experiment=simsiam_pretrain data=lgg data.fold=k``; 42 patients, so batch 16 and 150 epochs instead of the
-phantom preset's 32 / 20). Arms:
+phantom preset's 32 / 20). Arms (``benchmarks/lgg_cv/arms.yaml``):
 - ``early_scratch``: the sequences as input channels of one encoder (the LLD-MMRI baseline design), from scratch;
 - ``cgc_scratch``: shared encoder + CGC, from scratch;
 - ``cgc_pretrained``: the same, encoder initialised from the fold's SimSiam encoder, fine-tuned (encoder lr x0.1,
@@ -30,57 +30,33 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusion_phantom import REPO, RESULTS, TRAIN_SEED, run, run_arms, summarise
+if __package__:  # imported as benchmarks.lgg_cv (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/lgg_cv.py: common.py lies beside it, on sys.path
+    import common
 
-FOLDS = (0, 1, 2, 3, 4)
+PROTOCOL = common.load_yaml("lgg_cv", "protocol")
+FOLDS = tuple(PROTOCOL["folds"])
+PRETRAIN = list(PROTOCOL["pretrain"]["overrides"])
+ARMS = common.load_yaml("lgg_cv", "arms")
 # the arms that need the fold's SimSiam encoder
-PRETRAINED_ARMS = ("cgc_pretrained", "cgc_pretrained_enc10", "cgc_probe")
-PRETRAIN = ["data.batch_size=16", "trainer.max_epochs=150", "trainer.check_val_every_n_epoch=50"]
+PRETRAINED_ARMS = tuple(name for name, spec in ARMS.items() if spec["kind"] == "pretrained")
 
 
 def base(work: Path) -> list[str]:
-    return [
-        "data=lgg",
-        f"paths.cache_dir={work / 'cache'}",
-        "logger=csv",
-        "extras.print_config=false",
-        "callbacks.progress_bar=null",
-        "callbacks.model_summary=null",
-        "+trainer.enable_progress_bar=false",
-    ]
+    return ["data=lgg", f"paths.cache_dir={work / 'cache'}", *common.QUIET]
 
 
 def arms(work: Path) -> dict[str, list[str]]:
+    """Overrides of every arm (``lgg_cv/arms.yaml``): the data set's :func:`base` and the fold's encoder filled."""
     encoder = str(work / "pretrain" / "fold{fold}" / "checkpoints" / "encoder.pt")
-    common = [
-        "+experiment=cgc_finetune",
-        "callbacks.step_checkpoint=null",
-        "callbacks.model_checkpoint.monitor=val/auroc",
-        *base(work),
-    ]
-    scratch = [*common, "model.init=scratch", "model.finetune.encoder_lr_scale=1.0"]
-    pretrained = [*common, "model.init=pretrained", f"model.pretrained.path={encoder}"]
-    return {
-        "early_scratch": [*scratch, "fusion@model.fusion=early"],
-        "cgc_scratch": scratch,
-        # run with the preset's former encoder lr x0.1: pinned so the committed table reproduces
-        "cgc_pretrained": [*pretrained, "model.finetune.encoder_lr_scale=0.1"],
-        "cgc_pretrained_enc10": pretrained,
-        "cgc_probe": [
-            "+experiment=cgc_demo",
-            "callbacks.step_checkpoint=null",
-            "callbacks.model_checkpoint.monitor=val/auroc",
-            *base(work),
-            "model.init=pretrained",
-            f"model.pretrained.path={encoder}",
-        ],
-    }
+    return common.arm_table(ARMS, base=base(work), encoder=encoder)
 
 
 def pooled_auroc(dirs: dict[str, Path]) -> dict[str, dict]:
     """Pooled out-of-fold AUROC of each arm with its DeLong and bootstrap CIs."""
     from liverfusion.evaluate import metrics_with_ci
-    from liverfusion.report import find_runs, group_runs, pooled_predictions
+    from liverfusion.reporting import find_runs, group_runs, pooled_predictions
 
     out = {}
     for name, d in dirs.items():
@@ -101,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--work", default=str(REPO / ".cache" / "benchmarks" / "lgg_cv"))
+    parser.add_argument("--work", default=str(common.REPO / ".cache" / "benchmarks" / "lgg_cv"))
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args(argv)
     if not os.environ.get("LIVERFUSION_SHARED_DATA"):
@@ -110,20 +86,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     needs_encoder = [a for a in arms(work) if a in PRETRAINED_ARMS and (not args.only or a in args.only)]
     # pre-training per fold: it never sees that fold's validation or test patients
     for fold in FOLDS if needs_encoder else ():
-        run(
+        common.run(
             [
                 "-m",
                 "liverfusion.train",
                 "+experiment=simsiam_pretrain",
                 f"data.fold={fold}",
-                f"seed={TRAIN_SEED}",
+                f"seed={common.TRAIN_SEED}",
                 *base(work),
                 *PRETRAIN,
             ],
             work / "pretrain" / f"fold{fold}",
             done="checkpoints/encoder.pt",
         )
-    dirs = run_arms(work, arms(work), FOLDS, only=args.only, base=())  # the arms carry base(work)
+    dirs = common.run_arms(work, arms(work), FOLDS, only=args.only, base=())  # the arms carry base(work)
     pooled = pooled_auroc(dirs)
     notes = (
         "TCGA LGG, 70 patients (grade 1 vs 2, positive class grade_2), sequences t1_pre, flair, t1_post (FLAIR "
@@ -151,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("cgc_pretrained_enc10", "cgc_scratch"),
         ("cgc_pretrained_enc10", "cgc_pretrained"),
     ]
-    text = summarise(
+    text = common.summarise(
         dirs,
         work,
         "lgg_cv",
@@ -163,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         metric="auroc",
         figures=["cgc_probe", "cgc_scratch", "early_scratch"],
     )
-    (RESULTS / "lgg_cv_pooled.json").write_text(json.dumps(pooled, indent=1))
+    (common.RESULTS / "lgg_cv_pooled.json").write_text(json.dumps(pooled, indent=1))
     print(text)
 
 

@@ -20,8 +20,6 @@ Resumable: finished configurations are skipped on a re-run (delete their entry i
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -29,8 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+if __package__:  # imported as benchmarks.predict_speed (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/predict_speed.py: common.py lies beside it, on sys.path
+    import common
+
 GOAL_S_PER_CASE = 2.0
 SEED = 31337  # a phantom seed no benchmark or tuning run uses
 
@@ -45,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", default=None, help="phantom crop shape D,H,W (default: the demo's)")
     p.add_argument("--devices", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
     p.add_argument("--tta", nargs="+", default=["none", "flip"], choices=["none", "flip"])
-    p.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench" / "predict_speed")
-    p.add_argument("--results", type=Path, default=RESULTS / "predict_speed.json")
+    p.add_argument("--workdir", type=Path, default=common.REPO / ".cache" / "bench" / "predict_speed")
+    p.add_argument("--results", type=Path, default=common.RESULTS / "predict_speed.json")
     return p.parse_args(argv)
 
 
@@ -70,18 +71,6 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def compose(overrides: list[str]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from liverfusion.utils.hydra_utils import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
-
-
 def build_members(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
     """The phantom case folders and a multirun folder of ``--members`` demo-sized classifier checkpoints."""
     import torch
@@ -89,7 +78,7 @@ def build_members(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = compose(train_overrides(args))
+    cfg = common.compose("train", train_overrides(args))
     dm = instantiate(cfg.data, progress=False)
     images = Path(dm.layout.root)
     dm.layout.scan()  # generates the phantom on first use (a fixed seed: the same cases on every machine)
@@ -117,29 +106,22 @@ def build_members(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]
 
 
 def predict_once(multirun: Path, images: Path, out: Path, device: str, tta: str, batch_size: int) -> dict:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from liverfusion.predict import run_predict
-    from liverfusion.utils.hydra_utils import CONFIG_DIR
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose(
-            "predict",
-            overrides=[
-                f"ckpt_path={multirun}",
-                f"input={images}",
-                f"out={out}",
-                "overwrite=true",
-                f"device={device}",
-                f"tta={tta}",
-                f"batch_size={batch_size}",
-                "progress=false",
-                "print_table=false",
-            ],
-        )
+    cfg = common.compose(
+        "predict",
+        [
+            f"ckpt_path={multirun}",
+            f"input={images}",
+            f"out={out}",
+            "overwrite=true",
+            f"device={device}",
+            f"tta={tta}",
+            f"batch_size={batch_size}",
+            "progress=false",
+            "print_table=false",
+        ],
+    )
     start = time.perf_counter()
     payload = run_predict(cfg)
     wall = time.perf_counter() - start
@@ -186,16 +168,10 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("WANDB_MODE", "disabled")
+    common.in_process(args.threads, args.workdir)
     import torch
 
-    from liverfusion.utils.atomic import atomic_write_text
-
-    torch.set_num_threads(args.threads)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    if args.results.is_file():
-        results = json.loads(args.results.read_text())
+    results: dict[str, Any] = common.read_json(args.results)
     images, multirun, info = build_members(args)
     setup = {
         **info,
@@ -235,11 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             skipped.pop(key, None)
             print(f"{key}: {configs[key]['s_per_case']:.3f} s/case", flush=True)
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.results, json.dumps(results, indent=1))
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.results, json.dumps(results, indent=1))
-    atomic_write_text(args.results.with_suffix(".md"), markdown(results))
+            common.write_json(args.results, results)
+    common.write_results(args.results, results, markdown(results))
     print(markdown(results))
     return 0
 

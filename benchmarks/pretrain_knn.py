@@ -31,16 +31,16 @@ import csv
 import hashlib
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+if __package__:  # imported as benchmarks.pretrain_knn (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/pretrain_knn.py: common.py lies beside it, on sys.path
+    import common
+
 ARMS = ("cross", "same", "random", "mixed", "random_bn", "cross_paper_lr", "cross_spatial", "same_spatial")
 DEFAULT_ARMS = ("cross", "same", "random")
 
@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-cases", type=int, default=450)
     p.add_argument("--experiment", default="simsiam_pretrain")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for every arm")
-    p.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench" / "pretrain_knn")
-    p.add_argument("--results", type=Path, default=RESULTS / "pretrain_knn.json")
+    p.add_argument("--workdir", type=Path, default=common.REPO / ".cache" / "bench" / "pretrain_knn")
+    p.add_argument("--results", type=Path, default=common.RESULTS / "pretrain_knn.json")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the training runs")
     p.add_argument(
         "--reeval", action="store_true", help="recompute kNN of finished runs from their encoder.pt"
@@ -87,28 +87,6 @@ def settings_key(args: argparse.Namespace) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-
-
-def save_results(path: Path, results: dict[str, Any]) -> None:
-    from liverfusion.utils.atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True))
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from liverfusion.utils.hydra_utils import CONFIG_DIR
-
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(
-            "train", overrides=[*overrides, "paths.output_dir=/tmp/unused", "data.split.save_to=null"]
-        )
-
-
 def pretrain(args: argparse.Namespace, arm: str, seed: int, run_dir: Path) -> dict[str, Any]:
     """Run the real CLI (a fresh process per run, like a user) and read what it wrote."""
     cmd = [
@@ -123,11 +101,7 @@ def pretrain(args: argparse.Namespace, arm: str, seed: int, run_dir: Path) -> di
         f"extras.torch_threads={args.threads}",
         "callbacks.progress_bar=null",
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    start = time.perf_counter()
-    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log_file:
-        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT).returncode
-    seconds = time.perf_counter() - start
+    code, seconds = common.run_logged(cmd, run_dir.parent / f"{run_dir.name}.log")
     if code:
         raise RuntimeError(f"pre-training {arm} seed {seed} failed (exit {code}); see {run_dir}.log")
     with open(run_dir / "csv" / "metrics.csv") as f:
@@ -170,10 +144,10 @@ def evaluate(args: argparse.Namespace, arm: str, seed: int, encoder_path: str | 
 
     from liverfusion.data.datasets import CaseDataset
     from liverfusion.models import build_encoder
+    from liverfusion.modules.encoder_file import load_encoder_payload
     from liverfusion.modules.knn import encode_loader, knn_scores
-    from liverfusion.modules.ssl_base import load_encoder_payload
 
-    cfg = compose(common_overrides(args) + arm_overrides(arm, seed))
+    cfg = common.compose("train", [*common_overrides(args), *arm_overrides(arm, seed), *common.NO_OUTPUT])
     dm = instantiate(cfg.data, progress=False, num_workers=0)
     dm.setup("fit")
     bank_entries = dm.part_entries("train", labelled_only=True)
@@ -276,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = load_results(args.results)
+    results = common.read_json(args.results, {"runs": {}})
     key = settings_key(args)
     results.setdefault("settings", {})[key] = {
         "experiment": args.experiment,
@@ -291,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 done = results["runs"][name]
                 if args.reeval:
                     done.update(evaluate(args, arm, seed, done.get("encoder")))
-                    save_results(args.results, results)
+                    common.write_json(args.results, results, sort_keys=True)
                 print(f"skip {name} (done: F1 {100 * done['knn_f1']:.1f})", flush=True)
                 continue
             print(f"run {name} ...", flush=True)
@@ -304,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 encoder = record["encoder"]
             record.update(evaluate(args, arm, seed, encoder))
             results["runs"][name] = record
-            save_results(args.results, results)
+            common.write_json(args.results, results, sort_keys=True)
             z = record.get("z_std_per_epoch") or [float("nan")]
             print(f"  {name}: kNN F1 {100 * record['knn_f1']:.1f}, final z_std {z[-1]:.4f}", flush=True)
     table = summarise(results, key, args.arms, args.seeds)

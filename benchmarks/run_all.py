@@ -11,19 +11,27 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SKIP = {"run_all", "fusion_tuning"}  # fusion_tuning tunes on other phantom seeds: not a benchmark
+if __package__:  # imported as benchmarks.run_all (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/run_all.py: common.py lies beside it, on sys.path
+    import common
+
+# fusion_tuning tunes on other phantom seeds: not a benchmark; common (and the package's __init__) is their library
+SKIP = {"run_all", "fusion_tuning", "common", "__init__"}
+
+
+def scripts(names: list[str]) -> list[Path]:
+    """The benchmark scripts to run: every one in this folder, or those named."""
+    found = sorted(p for p in common.BENCHMARKS.glob("*.py") if p.stem not in SKIP)
+    return [p for p in found if p.stem in names] if names else found
 
 
 def main(argv: list[str]) -> int:
-    scripts = sorted(p for p in HERE.glob("*.py") if p.stem not in SKIP)
-    if argv:
-        scripts = [p for p in scripts if p.stem in argv]
     failed = []
-    for script in scripts:
+    for script in scripts(argv):
         print(f"\n=== {script.name}", flush=True)
         start = time.perf_counter()
-        code = subprocess.run([sys.executable, str(script)], cwd=HERE.parent).returncode
+        code = subprocess.run([sys.executable, str(script)], cwd=common.REPO).returncode
         print(f"=== {script.name}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
         if code:
             failed.append(script.name)

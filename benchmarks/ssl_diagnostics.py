@@ -20,13 +20,16 @@ first keys are the ``diagnostics`` entry of ``ssl_value.json`` (issue 15, item 5
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+if __package__:  # imported as benchmarks.ssl_diagnostics (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/ssl_diagnostics.py: common.py lies beside it, on sys.path
+    import common
+
 ITEM5_KEYS = ("recipe", "knn_macro_f1", "linear_probe_macro_f1", "phase_id_accuracy", "retrieval_top1")
 
 
@@ -45,18 +48,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     return p.parse_args(argv)
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from liverfusion.utils.hydra_utils import CONFIG_DIR
-
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(
-            "train", overrides=[*overrides, "paths.output_dir=/tmp/unused", "data.split.save_to=null"]
-        )
 
 
 def recipe_name(encoder: str) -> str:
@@ -84,7 +75,7 @@ def diagnose(
 
     if "train" in held_out:
         raise ConfigError("--held-out: the training split cannot be held out; choose from val, test")
-    cfg = compose(overrides)
+    cfg = common.compose("train", [*overrides, *common.NO_OUTPUT])
     start = time.perf_counter()
     dm = instantiate(cfg.data, progress=False)
     dm.setup("fit")
@@ -154,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     record = diagnose(args.encoder, overrides, args.recipe, tuple(args.held_out), args.seed)
     print(table(record))
     if args.out is not None:
-        from liverfusion.utils.atomic import atomic_write_text
-
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(record, indent=1))
+        common.write_json(args.out, record)
         print(f"written {args.out}")
     return 0
 

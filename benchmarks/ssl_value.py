@@ -28,17 +28,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion_phantom import REPO, RESULTS, base_overrides, run
+if __package__:  # imported as benchmarks.ssl_value (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/ssl_value.py: common.py lies beside it, on sys.path
+    import common
 
-PROTOCOL = REPO / "benchmarks" / "ssl_value"
 SCRATCH, PRETRAINED = "scratch", "pretrained"
-
-
-def load_yaml(name: str) -> dict[str, Any]:
-    """A protocol file as plain data (never resolved: it holds no interpolation)."""
-    import yaml
-
-    return yaml.safe_load((PROTOCOL / f"{name}.yaml").read_text())
 
 
 def pct(fraction: float) -> str:
@@ -55,7 +50,7 @@ def arm_name(arm: str, recipe: str | None, fraction: float) -> str:
 def data_overrides(work: Path, seed: int, protocol: Mapping[str, Any]) -> list[str]:
     ph = protocol["phantom"]
     return [
-        *base_overrides(work, seed),
+        *common.base_overrides(work, seed),
         f"data.layout.n_cases={ph['n_cases']}",
         f"data.layout.n_unlabelled={ph['n_unlabelled']}",
     ]
@@ -68,7 +63,7 @@ def pretrain(
     pre = protocol["pretrain"]
     out = work / "pretrain" / name
     parts = ",".join(pre["parts"])
-    run(
+    common.run(
         [
             "-m",
             "liverfusion.train",
@@ -95,7 +90,7 @@ def arm_table(
             table[arm] = (None, arm, list(spec["overrides"]))
             continue
         for recipe, path in encoders.items():
-            over = [o.replace("{encoder}", str(path)) for o in spec["overrides"]]
+            over = common.fill(spec["overrides"], encoder=str(path))
             table[f"{recipe}_{arm}"] = (
                 recipe,
                 arm,
@@ -122,7 +117,7 @@ def run_finetunes(
                 out = arm_dir / f"fold{fold}"
                 if summary_only and not (out / "test" / "summary.json").is_file():
                     continue
-                run(
+                common.run(
                     [
                         "-m",
                         "liverfusion.train",
@@ -147,7 +142,7 @@ def score_external(work: Path, arm_dir: Path, protocol: Mapping[str, Any]) -> di
     for target in [*members, arm_dir]:
         tag = "ensemble" if target == arm_dir else target.name
         dest = work / "external" / arm_dir.name / tag
-        run(
+        common.run(
             [
                 "-m",
                 "liverfusion.evaluate",
@@ -174,10 +169,9 @@ def diagnostics(work: Path, encoder: str | Path, name: str, seed: int, protocol:
     out = work / "diagnostics" / f"{name}.json"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        ph = protocol["phantom"]
         cmd = [
             sys.executable,
-            str(REPO / "benchmarks" / "ssl_diagnostics.py"),
+            str(common.BENCHMARKS / "ssl_diagnostics.py"),
             "--encoder",
             str(encoder),
             "--recipe",
@@ -185,12 +179,10 @@ def diagnostics(work: Path, encoder: str | Path, name: str, seed: int, protocol:
             "--out",
             str(out),
             "--data-overrides",
-            *base_overrides(work, seed),
-            f"data.layout.n_cases={ph['n_cases']}",
-            f"data.layout.n_unlabelled={ph['n_unlabelled']}",
+            *data_overrides(work, seed, protocol),
         ]
         print(f"[{time.strftime('%H:%M:%S')}] diagnostics {name}", flush=True)
-        subprocess.run(cmd, check=True, cwd=REPO)
+        subprocess.run(cmd, check=True, cwd=common.REPO)
     return json.loads(out.read_text())
 
 
@@ -215,7 +207,7 @@ def cohort_predictions(
 ) -> dict[str, dict]:
     """arm -> {"test": ensemble PredictionSet on the test split, "external": ensemble and per-fold sets}."""
     from liverfusion.evaluate import read_predictions_csv
-    from liverfusion.report import find_runs, group_runs, pooled_predictions
+    from liverfusion.reporting import find_runs, group_runs, pooled_predictions
 
     out: dict[str, dict] = {}
     for name, d in dirs.items():
@@ -435,16 +427,16 @@ def write_results(
             f"[{fmt(h['delta_low'], True)}, {fmt(h['delta_high'], True)}], p {h['p']:.3g}.",
         ]
     text = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.md").write_text(text)
-    with (RESULTS / f"{stem}.csv").open("w", newline="") as f:
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    (common.RESULTS / f"{stem}.md").write_text(text)
+    with (common.RESULTS / f"{stem}.csv").open("w", newline="") as f:
         keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "arm", k))
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
     payload = {"stage": dict(stage), "arms": rows, "headline": headline, "paired": comparisons}
     payload.update({"diagnostics": diag, "pretraining": curves})
-    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=float))
+    (common.RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=float))
     return text
 
 
@@ -474,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    protocol, recipes, arms = load_yaml("protocol"), load_yaml("recipes"), load_yaml("arms")
+    protocol, recipes, arms = (common.load_yaml("ssl_value", n) for n in ("protocol", "recipes", "arms"))
     for what, chosen, known in (("recipe", args.recipes, recipes), ("arm", args.arms, arms)):
         unknown = sorted(set(chosen or ()) - set(known))
         if unknown:
@@ -483,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     arms = {k: v for k, v in arms.items() if args.arms is None or k in args.arms}
     stage = protocol[args.stage]
     seed = int(stage["phantom_seed"])
-    work = Path(args.work or REPO / ".cache" / "benchmarks" / f"ssl_value_{args.stage}").resolve()
+    work = Path(args.work or common.REPO / ".cache" / "benchmarks" / f"ssl_value_{args.stage}").resolve()
     metric, n_boot = protocol["headline"]["metric"], int(protocol["n_boot"])
     staged = [*stage["fractions"], *(stage.get("extra_fractions") or [])]
     unknown_fractions = sorted(set(args.fractions or ()) - set(staged))
@@ -557,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "p": c["p_value"],
                 }
     stem = "ssl_value" + ("_screening" if args.stage == "screening" else "")
-    figures = RESULTS / "figures" / stem
+    figures = common.RESULTS / "figures" / stem
     curves = learning_curves(work, list(encoders), figures)
     for cohort in cohorts:
         label_efficiency_plot(rows, cohort, figures)

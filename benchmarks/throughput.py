@@ -23,18 +23,19 @@ Resumable: finished presets are skipped on a re-run (delete their entry in the J
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+if __package__:  # imported as benchmarks.throughput (the tests)
+    from benchmarks import common
+else:  # run as python benchmarks/throughput.py: common.py lies beside it, on sys.path
+    import common
+
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"overrides": [], "steps": 14, "warmup": 2},
     "demo_per_view_aug": {"overrides": ["augment=mda_cpu"], "steps": 14, "warmup": 2},
@@ -53,8 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--presets", nargs="+", default=ALL, choices=ALL)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench" / "throughput")
-    p.add_argument("--results", type=Path, default=RESULTS / "throughput.json")
+    p.add_argument("--workdir", type=Path, default=common.REPO / ".cache" / "bench" / "throughput")
+    p.add_argument("--results", type=Path, default=common.RESULTS / "throughput.json")
     return p.parse_args(argv)
 
 
@@ -63,21 +64,8 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from liverfusion.utils.hydra_utils import CONFIG_DIR
-
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(
-            "train",
-            overrides=[
-                "+experiment=simsiam_pretrain",
-                "paths.output_dir=/tmp/unused",
-                "data.split.save_to=null",
-                *overrides,
-            ],
-        )
+    """The pre-training preset composed in this process, with ``overrides``."""
+    return common.compose("train", ["+experiment=simsiam_pretrain", *common.NO_OUTPUT, *overrides])
 
 
 def matmul_flops(n: int = 4096, reps: int = 5) -> float:
@@ -317,12 +305,8 @@ def run_demo(args: argparse.Namespace, cold: bool) -> dict[str, Any]:
         "logger=csv",
         "extras.print_config=false",
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
-    with open(args.workdir / f"{name}.log", "w") as log_file:
-        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - start
+    code, wall = common.run_logged(cmd, args.workdir / f"{name}.log")
     if code:
         raise RuntimeError(f"demo run failed (exit {code}); see {args.workdir / f'{name}.log'}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -372,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    results = common.read_json(args.results)
     # make sure the phantom and the cache exist before anything is timed
     from hydra.utils import instantiate
 
@@ -387,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             if name.startswith("demo_run")
             else run_preset(args, name)
         )
-        atomic_write_text(args.results, json.dumps(results, indent=1))
+        common.write_json(args.results, results)
     text = table(results)
     atomic_write_text(
         args.results.with_suffix(".md"), "# Pre-training throughput (CPU, fp32)\n\n" + text + "\n"

@@ -1,6 +1,7 @@
 """Shared fixtures. Real-data tests find ../shared/data through LIVERFUSION_SHARED_DATA: unset -> skip, set -> must run.
 
-Plain helpers (no fixture) live in tests/helpers.py; test files import them from there, never from this file."""
+Plain helpers (no fixture) live in tests/helpers.py; test files import them from there and never import this file
+(pytest loads it as ``conftest``: imported again as ``tests.conftest`` it would run twice)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ if "LIVERFUSION_CACHE_DIR" not in os.environ:
     os.environ["LIVERFUSION_CACHE_DIR"] = tempfile.mkdtemp(prefix="liverfusion-test-cache-")
     atexit.register(shutil.rmtree, os.environ["LIVERFUSION_CACHE_DIR"], ignore_errors=True)
 
-# after the environment above: the helpers import the package; re-exported for test files that import this module
-from tests.helpers import TINY_PHANTOM, shared_subdir, tiny_phantom_overrides  # noqa: E402, F401
+# after the environment above: the helpers import the package
+from tests.helpers import TINY_PHANTOM  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -521,7 +521,8 @@ def test_paths_with_spaces_and_non_ascii_letters_work_quoted(tmp_path, capsys, m
     before = digest([root])
     code, output = run_in_process("data.check", args, capsys)
     assert code == 0, output[-3000:]
-    assert "no problems found" in output and "Åsa data" in output
+    # the table's title names the folder; rich may wrap a long path anywhere, so compare without whitespace
+    assert "no problems found" in output and "Åsadata/mysetü" in "".join(output.split()), output[-3000:]
     assert digest([root]) == before
     assert any(cache.rglob("*")), "the cache under the non-ASCII folder was written"
     # unquoted, Hydra's parser refuses the letter: one line that says to quote it

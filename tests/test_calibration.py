@@ -166,17 +166,10 @@ def test_evaluate_fits_stores_and_applies_the_temperature(tiny_phantom, tmp_path
 
 def test_calibration_phantom_benchmark_on_a_tiny_setting(tiny_phantom, tmp_path):
     """benchmarks/calibration_phantom.py end to end on the tiny phantom (the real run: 1000 cases, the demo model)."""
-    import sys
-    from pathlib import Path
-
-    from tests.conftest import tiny_phantom_overrides
+    from benchmarks import calibration_phantom
+    from tests.helpers import tiny_phantom_overrides
 
     _train_tiny(tiny_phantom, tmp_path / "multi", "0")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import calibration_phantom
-    finally:
-        sys.path.pop(0)
     data = [
         o for o in tiny_phantom_overrides(tiny_phantom, tmp_path / "cache") if o.startswith(("paths", "data"))
     ]

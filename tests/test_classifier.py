@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +20,8 @@ from liverfusion.modules.classifier import (
     freeze_report,
     modality_dropout,
 )
-from liverfusion.modules.encoder_loading import ENCODER_FORMAT
+from liverfusion.modules.encoder_file import ENCODER_FORMAT
+from liverfusion.utils.config_sections import model_config
 
 TINY = {
     "name": "resnet3d",
@@ -57,7 +59,7 @@ def make(fusion: str = "cgc", **kw) -> FusionClassifier:
     torch.manual_seed(kw.pop("seed", 0))
     enc = functools.partial(build_encoder, **TINY)
     fus = functools.partial(FUSIONS[fusion], **FUSION_KW[fusion])
-    return FusionClassifier(encoder=enc, fusion=fus, data_spec=SPEC, **kw)
+    return FusionClassifier(encoder=enc, fusion=fus, data_spec=SPEC, **model_config("classifier", **kw))
 
 
 def batch(n: int = 4, seed: int = 0) -> dict:
@@ -215,6 +217,47 @@ def test_unknown_options_are_config_errors():
         make(loss={"focal": True})
     with pytest.raises(ConfigError, match="init"):
         make(init="imagenet")
+
+
+def test_every_key_comes_from_the_yaml():
+    """No defaults in code: a section missing a key is refused with the way to build it, and the YAML's values are
+    what a model built from model_config holds (the scheduler's warm-up is the YAML's 0.05, not a code value)."""
+    args = model_config("classifier")
+    del args["loss"]["label_smoothing"]
+    enc = functools.partial(build_encoder, **TINY)
+    with pytest.raises(
+        ConfigError, match=r"model.loss: missing key\(s\) \['label_smoothing'\].*model_config"
+    ):
+        FusionClassifier(encoder=enc, fusion=functools.partial(FUSIONS["early"]), data_spec=SPEC, **args)
+    m = make("early")
+    assert m.scheduler_cfg == {"warmup_fraction": 0.05, "warmup_steps": None, "min_lr_ratio": 0.0}
+    assert m.optimizer_cfg["momentum"] == 0.9 and m.optimizer_cfg["nesterov"] is False
+
+
+def test_a_legacy_run_still_builds(tmp_path):
+    """tests/fixtures/legacy_main/cgc (main of 2026-12-02): its config_resolved.yaml lacks optimizer.momentum,
+    optimizer.nesterov and scheduler.warmup_steps (the YAML's values fill them, for a resume); its checkpoint's
+    hyper-parameters rebuild the network its weights load into."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    legacy = Path(__file__).parent / "fixtures" / "legacy_main" / "cgc"
+    ckpt = torch.load(legacy / "checkpoints" / "best_epoch000.ckpt", map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    node = OmegaConf.load(legacy / "config_resolved.yaml").model
+    assert "momentum" not in node.optimizer and "warmup_steps" not in node.scheduler
+    node.pretrained.path = None  # the encoder file of that run is not kept; its weights are in the checkpoint
+    model = instantiate(node, data_spec=hp["data_spec"])
+    assert model.optimizer_cfg == {
+        **OmegaConf.to_container(node.optimizer),
+        "momentum": 0.9,
+        "nesterov": False,
+    }
+    assert model.scheduler_cfg["warmup_steps"] is None and model.scheduler_cfg["warmup_fraction"] == 0.05
+    model.load_state_dict(ckpt["state_dict"])  # strict
+    again = FusionClassifier(**{**hp, "pretrained": {**hp["pretrained"], "path": None}})
+    again.load_state_dict(ckpt["state_dict"])
+    assert again.hparams["optimizer"] == hp["optimizer"] and again.hparams["evaluation"] == hp["evaluation"]
 
 
 def test_checkpoint_state_is_plain(tmp_path):

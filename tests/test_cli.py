@@ -20,7 +20,7 @@ from liverfusion import help as cli_help
 from liverfusion.errors import ConfigError
 from liverfusion.utils.hydra_utils import CONFIG_DIR, normalize_overrides
 from liverfusion.utils.search_path import default_groups, user_config_dirs
-from tests.conftest import tiny_phantom_overrides
+from tests.helpers import tiny_phantom_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": ""}

@@ -96,21 +96,26 @@ def test_train_group_option_composes_and_instantiates(group, option, tmp_path):
         assert trainer.max_epochs == (1 if cfg.trainer.get("fast_dev_run") else cfg.trainer.max_epochs)
 
 
-@pytest.mark.parametrize("group", ["encoder", "fusion", "augment"])
+@pytest.mark.parametrize("group", ["encoder", "fusion"])
 def test_component_groups_instantiate(group):
     for option in options(group):
-        cfg = OmegaConf.load(CONF / group / f"{option}.yaml")
-        if group == "augment":
-            with open_dict(cfg):
-                cfg = OmegaConf.create({"data": {"preprocess": {"shape": [16, 64, 64]}}, **cfg})
-            items = cfg.augment
-            if items is None:
-                continue
-            OmegaConf.resolve(cfg)
-            assert all(callable(instantiate(i)) for i in cfg.augment)
-            continue
-        obj = instantiate(cfg)
+        obj = instantiate(OmegaConf.load(CONF / group / f"{option}.yaml"))
         assert obj is not None, f"{group}/{option}"
+
+
+@pytest.mark.parametrize("option", options("augment"))
+def test_augment_options_instantiate(option, tmp_path):
+    """Each augment option composed as a user selects it (its defaults list brings the shared recipe): the loader
+    part and, where there is one, the batched device part build callables."""
+    cfg = compose_train([f"+augment={option}"], tmp_path)
+    OmegaConf.resolve(cfg)
+    if cfg.data.augment is None:
+        assert option == "none"
+        return
+    for key in ("augment", "batch_augment"):
+        if cfg.data.get(key) is not None:
+            part = instantiate(cfg.data[key])
+            assert part and all(callable(t) for t in part), f"{option}: data.{key}"
 
 
 def test_primary_configs_compose():
@@ -241,17 +246,11 @@ def test_regular_install_finds_conf(tmp_path):
 def test_tuning_variants_compose(tmp_path):
     """Every override of benchmarks/fusion_tuning.py composes with the preset, and a transform-list override
     builds a pipeline that keeps a case's (M, D, H, W) stack shape (one spatial draw for all phases)."""
-    import sys
-
     import torch
 
+    from benchmarks import fusion_tuning
     from liverfusion.data.transforms import build_transform
 
-    sys.path.insert(0, str(CONF.parents[1] / "benchmarks"))
-    try:
-        import fusion_tuning
-    finally:
-        sys.path.pop(0)
     for name, overrides in fusion_tuning.VARIANTS.items():
         pre = fusion_tuning.preprocessing(name)
         cfg = compose_train(["+experiment=cgc_finetune", *pre, *overrides], tmp_path)
@@ -271,7 +270,7 @@ def test_tuning_variants_compose(tmp_path):
 
 def _one_batch_overrides(tiny_phantom: Path, tmp_path: Path, experiment: str) -> list[str]:
     """Tiny shapes for one experiment: the session's phantom in whichever layout the experiment reads."""
-    from tests.conftest import tiny_phantom_overrides
+    from tests.helpers import tiny_phantom_overrides
 
     base = [
         "data.num_workers=0",

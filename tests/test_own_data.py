@@ -283,7 +283,7 @@ def test_own_data_from_an_empty_folder(tmp_path, monkeypatch):
 def test_own_copy_of_lgg_from_an_empty_folder(shared_data, tmp_path):
     """The issue's "done when", exactly: a copy of ../shared/data/lgg_tcga_3seq_dev, conf/data/mine.yaml written by
     data.init, and the three commands as a user types them, each a real process in a folder outside the repo."""
-    from tests.conftest import shared_subdir
+    from tests.helpers import shared_subdir
 
     copy = tmp_path / "lgg_copy"
     shutil.copytree(shared_subdir(shared_data, "lgg_tcga_3seq_dev"), copy)

@@ -547,7 +547,7 @@ def test_real_lgg_cases_predict_with_maps_on_their_grids(shared_data, tmp_path):
     from omegaconf import open_dict
 
     from liverfusion.train import train
-    from tests.conftest import shared_subdir
+    from tests.helpers import shared_subdir
 
     lgg = shared_subdir(shared_data, "lgg_tcga_3seq_dev")
     with (lgg / "labels.csv").open(newline="") as f:
@@ -610,11 +610,8 @@ def test_predict_speed_benchmark_on_a_tiny_setting(tmp_path):
     """benchmarks/predict_speed.py end to end at a tiny size (the real run: 3 members, the demo size, 2 cores)."""
     import json
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import predict_speed
-    finally:
-        sys.path.pop(0)
+    from benchmarks import predict_speed
+
     args = ["--cases", "3", "--members", "2", "--shape", "8,32,32", "--repeats", "1", "--threads", "1"]
     args += ["--tta", "none", "--workdir", str(tmp_path / "w"), "--results", str(tmp_path / "r" / "s.json")]
     assert predict_speed.main(args) == 0

@@ -3,20 +3,17 @@ and builds, so a broken recipe fails here in seconds instead of after a 45-minut
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from benchmarks import common
 from liverfusion.utils.hydra_utils import CONFIG_DIR
-
-PROTOCOL = Path(__file__).resolve().parents[1] / "benchmarks" / "ssl_value"
 
 
 def _load(name: str) -> dict:
-    return yaml.safe_load((PROTOCOL / f"{name}.yaml").read_text())
+    """benchmarks/ssl_value/<name>.yaml, read as ssl_value.py reads it."""
+    return common.load_yaml("ssl_value", name)
 
 
 def _compose(overrides: list[str]):

@@ -29,6 +29,7 @@ from liverfusion.data.splits import (
     splits_from_case_lists,
 )
 from liverfusion.errors import ConfigError
+from liverfusion.utils.config_sections import check_section, model_config
 from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,16 @@ SPLIT_KEYS = (
 )
 
 
+def split_defaults() -> dict[str, Any]:
+    """``data.split`` as conf/data/_base.yaml states it (the one place its defaults live). A value that points into
+    the run folder (``save_to: ${paths.output_dir}/splits.json``) is null here: outside a run there is none, so a
+    module built in Python writes no split file unless told where."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create(model_config("_base", group="data")["split"])
+    return {k: None if OmegaConf.is_interpolation(node, k) else node[k] for k in SPLIT_KEYS}
+
+
 class MultiModalDataModule(L.LightningDataModule):
     """Base data module.
 
@@ -103,6 +114,9 @@ class MultiModalDataModule(L.LightningDataModule):
         fold: which fold this run uses.
         label_fraction: share of the training patients whose labels are kept (label-efficiency studies); the rest
             of the training patients still serve pre-training.
+
+    Runs take every value from ``conf/data/*.yaml`` (``_base.yaml`` states each keyword's default, which
+    tests/test_config_defaults.py checks); the keyword defaults here serve modules built in Python.
     """
 
     def __init__(
@@ -152,21 +166,13 @@ class MultiModalDataModule(L.LightningDataModule):
 
     @staticmethod
     def _check_split(given: Mapping[str, Any]) -> dict[str, Any]:
-        """``data.split``: known keys only, each in range."""
-        unknown = sorted(set(given) - set(SPLIT_KEYS))
-        if unknown:
-            raise ConfigError(f"data.split: unknown key(s) {unknown}; known keys: {list(SPLIT_KEYS)}")
-        cfg = {
-            "n_folds": 5,
-            "test_fraction": 0.2,
-            "seed": 0,
-            "stratify": True,
-            "file": None,
-            "allow_missing": False,
-            "release_folds": False,
-            "save_to": None,
-            **given,
-        }
+        """``data.split``: known keys only, each in range; a key not given (a module built in Python with part of
+        the section) has the value conf/data/_base.yaml states (:func:`split_defaults`)."""
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"data.split must be a mapping with keys {list(SPLIT_KEYS)}, got {given!r}")
+        given = check_section("split", given, (), SPLIT_KEYS, where="data")
+        absent = [k for k in SPLIT_KEYS if k not in given]
+        cfg = {**split_defaults(), **given} if absent else given
         cfg["n_folds"] = check_value("data.split.n_folds", cfg["n_folds"], "int", low=2)
         cfg["test_fraction"] = check_value(
             "data.split.test_fraction", cfg["test_fraction"], "float", 0, 1, high_open=True

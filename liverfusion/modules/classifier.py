@@ -12,7 +12,8 @@ Every checkpoint carries what inference needs under ``checkpoint["liverfusion"]`
 modality names and order, class names, input shape, preprocessing, evaluation crop, where the encoder came from),
 so ``python -m liverfusion.evaluate`` never depends on the user's memory of the training config.
 The test split is touched once: ``test_step`` collects predictions and ``on_test_epoch_end`` writes them with
-bootstrap confidence intervals, the robustness table (each modality dropped in turn) and the features.
+bootstrap confidence intervals, the robustness table (each modality dropped in turn) and the features
+(:mod:`liverfusion.modules.held_out`); the linear probe's feature cache is :mod:`liverfusion.modules.feature_cache`.
 W&B dashboards (confusion matrix, ROC, per-class and prediction tables, the model artifact) are logged by
 ``liverfusion.callbacks.WandbClassifierLogger``, not here.
 """
@@ -23,11 +24,9 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,9 +37,12 @@ from liverfusion.metrics import make_metric_collection
 from liverfusion.models.classifier_net import EncodedModalities, FusionClassifierNet, build_fusion_classifier
 from liverfusion.models.encoder_base import Encoder, plain
 from liverfusion.models.encoder_factory import build_encoder
-from liverfusion.models.fusion import Fusion, build_fusion
+from liverfusion.models.fusion import FUSIONS, Fusion
 from liverfusion.modules.encoder_loading import load_pretrained_network
+from liverfusion.modules.feature_cache import FeatureCacheMixin
+from liverfusion.modules.held_out import HeldOutEvaluation
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, split_decay
+from liverfusion.utils.config_sections import check_section, model_config
 from liverfusion.utils.hydra_utils import to_plain
 
 log = logging.getLogger(__name__)
@@ -48,14 +50,6 @@ log = logging.getLogger(__name__)
 CLASSIFIER_FORMAT = "liverfusion-classifier/1"
 MODES = ("linear_probe", "partial", "full")
 INITS = ("pretrained", "scratch")
-
-
-def _merged(defaults: Mapping[str, Any], given: Any, name: str) -> dict[str, Any]:
-    given = dict(to_plain(given) or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ConfigError(f"model.{name} has unknown key(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **given}
 
 
 def _encoder_factory(encoder: Any) -> Callable[..., Encoder] | Encoder:
@@ -69,10 +63,14 @@ def _encoder_factory(encoder: Any) -> Callable[..., Encoder] | Encoder:
 
 
 def _fusion_factory(fusion: Any) -> Callable[..., Fusion]:
+    """A Hydra partial, or a ``fusion.config()`` dict (as stored in checkpoints): a partial of its class."""
     fusion = to_plain(fusion)
     if isinstance(fusion, Mapping):
         cfg = {k: v for k, v in fusion.items() if k not in ("num_modalities", "in_channels", "num_classes")}
-        return functools.partial(build_fusion, **cfg)
+        name = cfg.pop("name", None)
+        if name not in FUSIONS:
+            raise ConfigError(f"fusion name {name!r} is unknown; choose one of {sorted(FUSIONS)}")
+        return functools.partial(FUSIONS[name], **cfg)
     return fusion
 
 
@@ -94,8 +92,45 @@ def modality_dropout(present: torch.Tensor, p: float, min_keep: int = 1, generat
     return keep | forced
 
 
-class FusionClassifier(L.LightningModule):
+# a section's keys: (those every config states, those added since): a run configured before a key was added
+# (its config_resolved.yaml, its checkpoint's hyper-parameters) lacks it, and gets the YAML's value for it
+SECTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "pretrained": (("path", "strict_normalization", "strict_keys"), ()),
+    "finetune": (("mode", "freeze", "encoder_lr_scale", "bn_eval"), ()),
+    "optimizer": (("name", "lr", "weight_decay", "betas", "exclude_bn_bias"), ("momentum", "nesterov")),
+    "scheduler": (("warmup_fraction", "min_lr_ratio"), ("warmup_steps",)),
+    "loss": (("class_weighted", "label_smoothing"), ()),
+    "modality_dropout": (("p", "min_keep"), ()),
+    "feature_cache": (("enabled",), ()),
+    "evaluation": (
+        ("n_boot", "alpha", "seed", "threshold", "robustness", "aggregate", "save_features", "write"),
+        (),
+    ),
+}
+
+
+def checked_sections(given: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The classifier's sections as plain dicts; unknown or missing keys are a ConfigError (check_section). A key
+    added since (SECTIONS' second list) that an older run's config or checkpoint lacks is read from
+    ``conf/model/classifier.yaml``: the one place a default lives, also for runs configured before it was added."""
+    out: dict[str, dict[str, Any]] = {}
+    yaml: dict[str, Any] | None = None
+    for key, (required, added) in SECTIONS.items():
+        section = check_section(key, to_plain(given[key]), required, added)
+        absent = [k for k in added if k not in section]
+        if absent:
+            yaml = yaml or model_config("classifier")
+            section.update({k: yaml[key][k] for k in absent})
+        out[key] = section
+    return out
+
+
+class FusionClassifier(FeatureCacheMixin, HeldOutEvaluation, L.LightningModule):
     """Encoder + fusion block + head, trained with cross-entropy (optionally class-weighted).
+
+    Every value comes from the config (``conf/model/classifier.yaml``; in Python, build the arguments with
+    ``liverfusion.utils.config_sections.model_config("classifier", **overrides)``): the code has no defaults, and
+    an unknown or missing key is a ConfigError.
 
     Args:
         encoder: Hydra partial of ``build_encoder`` (``in_channels`` is completed here), or a config dict.
@@ -105,13 +140,15 @@ class FusionClassifier(L.LightningModule):
         pretrained: ``path`` (encoder.pt or a Lightning checkpoint), ``strict_normalization``, ``strict_keys``.
         finetune: ``mode`` (linear_probe | partial | full), ``freeze`` (module names for partial),
             ``encoder_lr_scale``, ``bn_eval`` (frozen parts keep BatchNorm statistics).
-        optimizer / scheduler: ``name``, ``lr``, ``weight_decay``, ``betas``, ``exclude_bn_bias`` /
-            ``warmup_fraction`` or ``warmup_steps``, ``min_lr_ratio``.
+        optimizer / scheduler: ``name``, ``lr``, ``weight_decay``, ``betas``, ``exclude_bn_bias``, ``momentum``,
+            ``nesterov`` / ``warmup_fraction`` or ``warmup_steps``, ``min_lr_ratio``.
         loss: ``class_weighted`` (inverse class frequency of the training split), ``label_smoothing``.
         modality_dropout: ``p`` per present modality per training case, ``min_keep``.
-        feature_cache: ``enabled`` (auto | true | false): reuse frozen encoder outputs per case.
-        evaluation: test-time outputs: ``n_boot``, ``alpha``, ``seed``, ``threshold``, ``robustness``,
-            ``aggregate`` (null | mean | max per patient), ``save_features``.
+        feature_cache: ``enabled`` (auto | true | false): reuse frozen encoder outputs per case
+            (:mod:`liverfusion.modules.feature_cache`).
+        evaluation: test-time outputs (:mod:`liverfusion.modules.held_out`): ``n_boot``, ``alpha``, ``seed``,
+            ``threshold``, ``robustness``, ``aggregate`` (null | mean | max per patient), ``save_features``,
+            ``write``.
     """
 
     def __init__(
@@ -119,15 +156,15 @@ class FusionClassifier(L.LightningModule):
         encoder: Any,
         fusion: Any,
         data_spec: Mapping[str, Any],
-        init: str = "scratch",
-        pretrained: Mapping[str, Any] | None = None,
-        finetune: Mapping[str, Any] | None = None,
-        optimizer: Mapping[str, Any] | None = None,
-        scheduler: Mapping[str, Any] | None = None,
-        loss: Mapping[str, Any] | None = None,
-        modality_dropout: Mapping[str, Any] | None = None,
-        feature_cache: Mapping[str, Any] | None = None,
-        evaluation: Mapping[str, Any] | None = None,
+        init: str,
+        pretrained: Mapping[str, Any],
+        finetune: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        modality_dropout: Mapping[str, Any],
+        feature_cache: Mapping[str, Any],
+        evaluation: Mapping[str, Any],
     ):
         super().__init__()
         spec = dict(to_plain(data_spec) or {})
@@ -142,47 +179,28 @@ class FusionClassifier(L.LightningModule):
         if init not in INITS:
             raise ConfigError(f"model.init={init!r}: choose one of {INITS}")
         self.init_mode = init
-        self.pretrained_cfg = _merged(
-            {"path": None, "strict_normalization": True, "strict_keys": True}, pretrained, "pretrained"
+        cfg = checked_sections(
+            {
+                "pretrained": pretrained,
+                "finetune": finetune,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "loss": loss,
+                "modality_dropout": modality_dropout,
+                "feature_cache": feature_cache,
+                "evaluation": evaluation,
+            }
         )
-        self.finetune_cfg = _merged(
-            {"mode": "full", "freeze": [], "encoder_lr_scale": 0.1, "bn_eval": True}, finetune, "finetune"
-        )
+        self.pretrained_cfg = cfg["pretrained"]
+        self.finetune_cfg = cfg["finetune"]
         if self.finetune_cfg["mode"] not in MODES:
             raise ConfigError(f"model.finetune.mode={self.finetune_cfg['mode']!r}: choose one of {MODES}")
-        self.optimizer_cfg = _merged(
-            {
-                "name": "adamw",
-                "lr": 1e-3,
-                "weight_decay": 0.05,
-                "betas": [0.9, 0.999],
-                "momentum": 0.9,
-                "nesterov": False,
-                "exclude_bn_bias": True,
-            },
-            optimizer,
-            "optimizer",
-        )
-        self.scheduler_cfg = _merged(
-            {"warmup_fraction": 0.0, "warmup_steps": None, "min_lr_ratio": 0.0}, scheduler, "scheduler"
-        )
-        self.loss_cfg = _merged({"class_weighted": False, "label_smoothing": 0.0}, loss, "loss")
-        self.dropout_cfg = _merged({"p": 0.0, "min_keep": 1}, modality_dropout, "modality_dropout")
-        self.cache_cfg = _merged({"enabled": "auto"}, feature_cache, "feature_cache")
-        self.eval_cfg = _merged(
-            {
-                "n_boot": 1000,
-                "alpha": 0.05,
-                "seed": 0,
-                "threshold": 0.5,
-                "robustness": True,
-                "aggregate": None,
-                "save_features": True,
-                "write": True,
-            },
-            evaluation,
-            "evaluation",
-        )
+        self.optimizer_cfg = cfg["optimizer"]
+        self.scheduler_cfg = cfg["scheduler"]
+        self.loss_cfg = cfg["loss"]
+        self.dropout_cfg = cfg["modality_dropout"]
+        self.cache_cfg = cfg["feature_cache"]
+        self.eval_cfg = cfg["evaluation"]
 
         self.net: FusionClassifierNet = build_fusion_classifier(
             _encoder_factory(encoder), _fusion_factory(fusion), self.modalities, len(self.class_names)
@@ -202,11 +220,8 @@ class FusionClassifier(L.LightningModule):
         self.frozen_modules = self._apply_freeze()
         self.class_weights: torch.Tensor | None = None
         self.val_metrics = make_metric_collection(len(self.class_names), prefix="val/")
-        self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cache_on = False
-        self._test_records: list[dict[str, Any]] = []
-        self.test_summary: dict[str, Any] | None = None
-        self.test_predictions: Any = None  # the last test loop's PredictionSet
+        self._reset_cache()
+        self._reset_test_records()
         self.save_hyperparameters(
             plain(
                 {
@@ -282,48 +297,9 @@ class FusionClassifier(L.LightningModule):
             log.info("class weights %s", dict(zip(self.class_names, weights.tolist())))
         self._cache_on = self._want_cache(dm)
 
-    def _want_cache(self, dm: Any) -> bool:
-        enabled = self.cache_cfg["enabled"]
-        possible = self.encoder_frozen and self.net.mode == "shared"
-        if enabled in (False, "false", "off"):
-            return False
-        augmented = dm is not None and getattr(dm, "train_transform", None) is not None
-        if enabled in (True, "true", "on"):
-            if not possible:
-                raise ConfigError(
-                    "model.feature_cache.enabled=true needs a frozen encoder (finetune.mode=linear_probe) and a "
-                    "shared-encoder fusion (not early)"
-                )
-            if augmented:
-                raise ConfigError(
-                    "model.feature_cache.enabled=true with data.train_transform: augmented views "
-                    "change every epoch, so cached features would be wrong"
-                )
-            return True
-        return possible and not augmented
-
     # ---- forward ----
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         return self.net(x, mask)
-
-    def encode(self, batch: Mapping[str, Any], kind: str) -> EncodedModalities:
-        """Encoder outputs of a batch; frozen encoders run without a graph and may serve from the cache."""
-        x, present = batch["image"], batch["present"]
-        if not self._cache_on:
-            if self.encoder_frozen:
-                with torch.no_grad():
-                    return self.net.encode(x, present)
-            return self.net.encode(x, present)
-        ids = list(batch["case_id"])
-        uncached = [i for i, c in enumerate(ids) if (kind, c) not in self._cache]
-        if uncached:
-            with torch.no_grad():
-                enc = self.net.encode(x[uncached], present[uncached])
-            for j, i in enumerate(uncached):
-                self._cache[(kind, ids[i])] = (enc.pooled[j].detach().cpu(), enc.maps[j].detach().cpu())
-        pooled = torch.stack([self._cache[(kind, c)][0] for c in ids]).to(x.device)
-        maps = torch.stack([self._cache[(kind, c)][1] for c in ids]).to(x.device)
-        return EncodedModalities(pooled, maps, present)
 
     def fuse(self, enc: EncodedModalities, mask: torch.Tensor):
         maps = enc.maps if self.net.fusion.consumes == "map" else None
@@ -360,15 +336,6 @@ class FusionClassifier(L.LightningModule):
         self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        self._offer_cache("train", "train")
-
-    def _offer_cache(self, part: str, kind: str) -> None:
-        """Tell the datamodule which cases' features are cached, so it can stop loading their images."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if self._cache_on and hasattr(dm, "features_cached"):
-            dm.features_cached(part, {c for k, c in self._cache if k == kind})
-
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         labels = torch.as_tensor(batch["label"], device=self.device)
         logits = self.fuse(self.encode(batch, "eval"), batch["present"]).logits
@@ -387,87 +354,6 @@ class FusionClassifier(L.LightningModule):
         self.val_metrics.reset()
         if not self.trainer.sanity_checking:
             self._offer_cache("val", "eval")
-
-    def on_test_start(self) -> None:
-        self._test_records = []
-        self._cache = {
-            k: v for k, v in self._cache.items() if k[0] != "eval"
-        }  # weights may have been reloaded
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        from liverfusion.evaluation import batch_predictions
-
-        self._test_records.append(
-            batch_predictions(
-                self.net,
-                batch,
-                robustness=bool(self.eval_cfg["robustness"]),
-                encoded=self.encode(batch, "eval"),
-            )
-        )
-
-    def on_test_epoch_end(self) -> None:
-        from liverfusion.evaluation import HEADLINE_METRICS, PredictionSet, write_evaluation
-
-        records = self._test_records
-        if self.trainer.world_size > 1:
-            gathered: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        preds = PredictionSet.from_records(records, self.class_names, self.modalities)
-        self._test_records = []
-        summary = {"n_cases": len(preds.case_ids)}
-        if self.trainer.is_global_zero and self.eval_cfg["write"]:
-            out_dir = Path(self.trainer.default_root_dir) / "test"
-            summary = write_evaluation(
-                preds,
-                out_dir,
-                n_boot=int(self.eval_cfg["n_boot"]),
-                alpha=float(self.eval_cfg["alpha"]),
-                seed=int(self.eval_cfg["seed"]),
-                threshold=float(self.eval_cfg["threshold"]),
-                aggregate=self.eval_cfg["aggregate"],
-                save_features=bool(self.eval_cfg["save_features"]),
-                extra=self.run_summary(),
-            )
-        self.test_summary = summary
-        self.test_predictions = preds  # W&B tables: liverfusion.callbacks.WandbClassifierLogger
-        point = preds.point_metrics(threshold=float(self.eval_cfg["threshold"]))
-        headline = {k: v for k, v in point.items() if k in HEADLINE_METRICS or k.startswith("binary/")}
-        self.log_dict({f"test/{k}": float(v) for k, v in headline.items() if np.isfinite(v)}, sync_dist=False)
-
-    def run_summary(self) -> dict[str, Any]:
-        """What a report needs to know about this run besides its predictions."""
-        from liverfusion.utils.run_folder import relative_in_run
-
-        cb = self.trainer.checkpoint_callback if self._trainer is not None else None
-        best = getattr(cb, "best_model_path", "") if cb is not None else ""
-        score = getattr(cb, "best_model_score", None) if cb is not None else None
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        splits = {}
-        if getattr(dm, "partition", None):
-            from liverfusion.data.datamodule import summarize_entries
-
-            splits = {
-                part: summarize_entries(dm.part_entries(part), self.class_names)
-                for part in ("train", "val", "test")
-                if part in dm.partition
-            }
-        return plain(
-            {
-                "fold": getattr(dm, "fold", None),
-                "splits": splits,
-                "best_checkpoint": relative_in_run(self.trainer.default_root_dir, best) if best else None,
-                "selection_metric": getattr(cb, "monitor", None) if cb is not None else None,
-                "selection_score": None if score is None else float(score),
-                "init": self.init_mode,
-                "finetune_mode": self.finetune_cfg["mode"],
-                "fusion": self.net.fusion.name,
-                "pretrained": self.load_report,
-                "epochs": int(self.current_epoch),
-                "label_fraction": getattr(dm, "label_fraction", None),
-            }
-        )
 
     # ---- optimisation ----
     def configure_optimizers(self):

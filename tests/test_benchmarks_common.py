@@ -1,0 +1,272 @@
+"""The benchmark scripts' shared library (benchmarks/common.py) and their arm and protocol YAML files: every file
+loads, the arms moved out of Python are exactly the lists the scripts built before (same names, order and
+overrides, so cached runs and committed results stay valid), no script imports another one, and each script runs
+both as ``python benchmarks/<script>.py`` and imported as ``benchmarks.<script>``."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import common, fusion_phantom, fusion_tuning, label_efficiency, lgg_cv, run_all, ssl_value
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+YAML_FILES = sorted(p.relative_to(BENCHMARKS) for p in BENCHMARKS.glob("*/*.yaml"))
+ARMS_FILES = [p for p in YAML_FILES if p.name == "arms.yaml"]
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in ("__init__", "common"))
+W = Path("/W")  # a work folder (nothing is written there)
+QUIET = [
+    "logger=csv",
+    "extras.print_config=false",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "+trainer.enable_progress_bar=false",
+]
+
+# ---- the arms as the scripts built them in Python before they moved to YAML ------------------------------------
+ENC = "/W/pretrain/mda/fold{fold}/checkpoints/encoder.pt"
+_PROBE = ["+experiment=cgc_demo", "model.init=pretrained", f"model.pretrained.path={ENC}"]
+_FINETUNE = [
+    "+experiment=cgc_finetune",
+    "model.init=pretrained",
+    f"model.pretrained.path={ENC}",
+    "callbacks.step_checkpoint=null",
+]
+_SCRATCH = [
+    "+experiment=cgc_finetune",
+    "model.init=scratch",
+    "model.finetune.encoder_lr_scale=1.0",
+    "callbacks.step_checkpoint=null",
+]
+FUSION_PHANTOM_ARMS = {
+    "cgc_probe": _PROBE,
+    "late_concat_probe": [*_PROBE, "fusion@model.fusion=late_concat"],
+    "late_mean_probe": [*_PROBE, "fusion@model.fusion=late_mean"],
+    "single_T2WI_probe": [*_PROBE, "fusion@model.fusion=single", "model.fusion.modality=0"],
+    "single_DWI_probe": [*_PROBE, "fusion@model.fusion=single", "model.fusion.modality=1"],
+    "single_InPhase_probe": [*_PROBE, "fusion@model.fusion=single", "model.fusion.modality=2"],
+    "single_OutPhase_probe": [*_PROBE, "fusion@model.fusion=single", "model.fusion.modality=3"],
+    "single_C-pre_probe": [*_PROBE, "fusion@model.fusion=single", "model.fusion.modality=4"],
+    "single_CA_probe": [*_PROBE, "fusion@model.fusion=single", "model.fusion.modality=5"],
+    "single_CV_probe": [*_PROBE, "fusion@model.fusion=single", "model.fusion.modality=6"],
+    "single_CDelay_probe": [*_PROBE, "fusion@model.fusion=single", "model.fusion.modality=7"],
+    "cgc_finetune": _FINETUNE,
+    "cgc_finetune_enc01": [*_FINETUNE, "model.finetune.encoder_lr_scale=0.1"],
+    "cgc_finetune_seed1": [*_FINETUNE, "seed=1"],
+    "cgc_finetune_seed2": [*_FINETUNE, "seed=2"],
+    "cgc_scratch": _SCRATCH,
+    "early_scratch": [*_SCRATCH, "fusion@model.fusion=early"],
+}
+_SAME = "/W/pretrain/same/fold{fold}/checkpoints/encoder.pt"
+_TUNE = ["+experiment=cgc_finetune", "callbacks.step_checkpoint=null"]
+LABEL_EFFICIENCY_ARMS = {
+    "mda_probe": ["+experiment=cgc_demo", "model.init=pretrained", f"model.pretrained.path={ENC}"],
+    "same_probe": ["+experiment=cgc_demo", "model.init=pretrained", f"model.pretrained.path={_SAME}"],
+    "mda_finetune": [*_TUNE, "model.init=pretrained", f"model.pretrained.path={ENC}"],
+    "same_finetune": [*_TUNE, "model.init=pretrained", f"model.pretrained.path={_SAME}"],
+    "scratch": [*_TUNE, "model.init=scratch", "model.finetune.encoder_lr_scale=1.0"],
+}
+LABEL_EFFICIENCY_REUSE = {"mda_probe": "cgc_probe", "mda_finetune": "cgc_finetune", "scratch": "cgc_scratch"}
+_LGG_BASE = ["data=lgg", "paths.cache_dir=/W/cache", *QUIET]
+_LGG_ENC = "/W/pretrain/fold{fold}/checkpoints/encoder.pt"
+_LGG = [
+    "+experiment=cgc_finetune",
+    "callbacks.step_checkpoint=null",
+    "callbacks.model_checkpoint.monitor=val/auroc",
+    *_LGG_BASE,
+]
+_LGG_SCRATCH = [*_LGG, "model.init=scratch", "model.finetune.encoder_lr_scale=1.0"]
+_LGG_PRETRAINED = [*_LGG, "model.init=pretrained", f"model.pretrained.path={_LGG_ENC}"]
+LGG_ARMS = {
+    "early_scratch": [*_LGG_SCRATCH, "fusion@model.fusion=early"],
+    "cgc_scratch": _LGG_SCRATCH,
+    "cgc_pretrained": [*_LGG_PRETRAINED, "model.finetune.encoder_lr_scale=0.1"],
+    "cgc_pretrained_enc10": _LGG_PRETRAINED,
+    "cgc_probe": [
+        "+experiment=cgc_demo",
+        "callbacks.step_checkpoint=null",
+        "callbacks.model_checkpoint.monitor=val/auroc",
+        *_LGG_BASE,
+        "model.init=pretrained",
+        f"model.pretrained.path={_LGG_ENC}",
+    ],
+}
+_EMA = [
+    "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+    "+callbacks.ema.decay=0.99",
+]
+_LS40 = ["model.loss.label_smoothing=0.1", "trainer.max_epochs=40"]
+_ENC01 = "model.finetune.encoder_lr_scale=0.1"
+_AFFINE = (
+    "data.train_transform=[{_target_:monai.transforms.RandFlip,prob:0.5,spatial_axis:1},"
+    "{_target_:monai.transforms.RandFlip,prob:0.5,spatial_axis:2},"
+    "{_target_:monai.transforms.RandAffine,prob:0.8,rotate_range:[0.26,0.0,0.0],scale_range:[0.1,0.1,0.1],"
+    "translate_range:[1,4,4],padding_mode:zeros}]"
+)
+FUSION_TUNING_VARIANTS = {
+    "enc01": [_ENC01],
+    "ema_ls": [_ENC01, *_EMA, *_LS40],
+    "ema_ls_enc03": [*_EMA, *_LS40, "model.finetune.encoder_lr_scale=0.3"],
+    "enc10": ["model.finetune.encoder_lr_scale=1.0"],
+    "ema_ls_enc10": [*_EMA, *_LS40],
+    "ema998_ls_enc10": [_EMA[0], "+callbacks.ema.decay=0.998", *_LS40],
+    "md0": ["model.modality_dropout.p=0.0"],
+    "cw": ["model.loss.class_weighted=true"],
+    "cw_ema_ls": ["model.loss.class_weighted=true", *_EMA, *_LS40],
+    "lr3e4": ["model.optimizer.lr=3.0e-4", "trainer.max_epochs=40"],
+    "enc10_seed1": ["seed=1"],
+    "enc10_seed2": ["seed=2"],
+    "aug": [_AFFINE],
+    "aug_seed1": [_AFFINE, "seed=1"],
+    "aug_e60": [_AFFINE, "trainer.max_epochs=60"],
+    "median": ["data.preprocess.normalize=median"],
+}
+
+
+# ---- the YAML files -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", YAML_FILES, ids=str)
+def test_every_yaml_file_loads_as_a_mapping(path):
+    data = common.load_yaml(path.parent.name, path.stem)
+    assert isinstance(data, dict) and data, path
+
+
+@pytest.mark.parametrize("path", ARMS_FILES, ids=str)
+def test_every_arm_has_a_kind_and_overrides_that_match_it(path):
+    for name, spec in common.load_yaml(path.parent.name, "arms").items():
+        overrides = spec["overrides"]
+        assert isinstance(overrides, list) and all(isinstance(o, str) for o in overrides), name
+        assert spec["kind"] in ("scratch", "pretrained"), name
+        assert f"model.init={spec['kind']}" in overrides, (
+            f"{path}: {name} is {spec['kind']} but not its model.init"
+        )
+
+
+def test_fusion_phantom_arms_are_the_former_python_table():
+    arms = fusion_phantom.arms(ENC)
+    assert arms == FUSION_PHANTOM_ARMS
+    assert list(arms) == list(FUSION_PHANTOM_ARMS)  # the order of the runs and of the results table
+
+
+def test_label_efficiency_arms_and_reused_runs_are_the_former_python_table():
+    arms = label_efficiency.arms(W)
+    assert arms == LABEL_EFFICIENCY_ARMS and list(arms) == list(LABEL_EFFICIENCY_ARMS)
+    assert label_efficiency.REUSE == LABEL_EFFICIENCY_REUSE
+    assert set(label_efficiency.REUSE.values()) <= set(FUSION_PHANTOM_ARMS)  # runs fusion_phantom.py makes
+
+
+def test_lgg_cv_arms_and_protocol_are_the_former_python_ones():
+    arms = lgg_cv.arms(W)
+    assert arms == LGG_ARMS and list(arms) == list(LGG_ARMS)
+    assert lgg_cv.base(W) == _LGG_BASE
+    assert lgg_cv.PRETRAINED_ARMS == ("cgc_pretrained", "cgc_pretrained_enc10", "cgc_probe")
+    assert lgg_cv.FOLDS == (0, 1, 2, 3, 4)
+    assert lgg_cv.PRETRAIN == [
+        "data.batch_size=16",
+        "trainer.max_epochs=150",
+        "trainer.check_val_every_n_epoch=50",
+    ]
+
+
+def test_fusion_tuning_variants_are_the_former_python_table_on_the_benchmark_arm():
+    assert fusion_tuning.VARIANTS == FUSION_TUNING_VARIANTS
+    assert list(fusion_tuning.VARIANTS) == list(FUSION_TUNING_VARIANTS)
+    assert fusion_tuning.finetune_arm(Path("/e.pt")) == [o.replace(ENC, "/e.pt") for o in _FINETUNE]
+
+
+def test_ssl_value_reads_its_protocol_through_common():
+    arms, recipes = common.load_yaml("ssl_value", "arms"), common.load_yaml("ssl_value", "recipes")
+    table = ssl_value.arm_table(arms, recipes, {"mda": Path("/e.pt")})
+    assert table["mda_probe"] == (
+        "mda",
+        "probe",
+        ["+experiment=cgc_demo", "model.init=pretrained", "model.pretrained.path=/e.pt"],
+    )
+    assert table["scratch_cgc"][0] is None and "{encoder}" not in " ".join(table["scratch_cgc"][2])
+
+
+def test_phantom_base_overrides_are_unchanged():
+    assert common.base_overrides(W) == [
+        "paths.data_dir=/W/data",
+        "paths.cache_dir=/W/cache",
+        "data.layout.seed=4242",
+        *QUIET,
+    ]
+    assert common.base_overrides(W, 7)[2] == "data.layout.seed=7"
+
+
+# ---- common.py's pure helpers ---------------------------------------------------------------------------------
+def test_fill_replaces_strings_splices_lists_and_keeps_unknown_placeholders():
+    overrides = ["a={encoder}", "{base}", "b=fold{fold}", "c"]
+    assert common.fill(overrides, encoder="/e/fold{fold}.pt", base=["x=1", "y=2"]) == [
+        "a=/e/fold{fold}.pt",
+        "x=1",
+        "y=2",
+        "b=fold{fold}",
+        "c",
+    ]
+    assert common.fill(["{base}", "{encoder}"], base=[], encoder="/e") == [
+        "/e"
+    ]  # an empty list splices nothing
+    assert common.fill(["p={fold}"], fold="2") == ["p=2"]
+    assert common.fill(["{x}"]) == ["{x}"]
+
+
+def test_results_files_round_trip(tmp_path):
+    path = tmp_path / "new" / "r.json"
+    assert common.read_json(path) == {} and common.read_json(path, {"runs": {}}) == {"runs": {}}
+    common.write_results(path, {"b": 1, "a": [1.5]}, "# table\n")
+    assert common.read_json(path) == {"b": 1, "a": [1.5]}
+    assert path.with_suffix(".md").read_text() == "# table\n"
+    common.write_json(path, {"b": 1, "a": 2}, sort_keys=True)
+    assert path.read_text() == json.dumps({"a": 2, "b": 1}, indent=1)
+
+
+# ---- how the scripts import -----------------------------------------------------------------------------------
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+            if node.module == "benchmarks":
+                names.update(a.name for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_script_imports_another_script(script):
+    imported = _imported_modules(BENCHMARKS / f"{script}.py")
+    assert not imported & (set(SCRIPTS) - {script}), f"{script}.py imports {imported & set(SCRIPTS)}"
+
+
+def test_the_package_and_the_scripts_share_one_common_module():
+    assert fusion_phantom.common is common and ssl_value.common is common
+    assert getattr(sys.modules.get("common"), "__file__", None) != common.__file__  # no second copy
+
+
+def test_run_all_runs_scripts_not_the_library():
+    names = [p.stem for p in run_all.scripts([])]
+    assert "fusion_phantom" in names and "common" not in names and "__init__" not in names
+    assert [p.stem for p in run_all.scripts(["lgg_cv", "nothing"])] == ["lgg_cv"]
+
+
+@pytest.mark.parametrize(
+    "script", ["fusion_phantom", "label_efficiency", "lgg_cv", "fusion_tuning", "ssl_value"]
+)
+def test_a_script_run_by_path_finds_common_beside_it(script, tmp_path):
+    """``python benchmarks/<script>.py --help`` from another directory (only the script's folder on sys.path)."""
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith(f"usage: {script}.py")
