@@ -118,7 +118,7 @@ def run_export(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from liverfusion.evaluation.inference import mean_log_probs
     from liverfusion.evaluation.loading import load_ensemble
     from liverfusion.utils.atomic import atomic_path
-    from liverfusion.utils.hydra_utils import to_plain
+    from liverfusion.utils.plain import to_plain
 
     s = to_plain(cfg)
     s.pop("hydra", None)

@@ -51,7 +51,8 @@ from liverfusion.evaluation.loading import load_ensemble
 from liverfusion.evaluation.predictions import PredictionSet
 from liverfusion.utils.atomic import atomic_write_text
 from liverfusion.utils.cli import cli_errors, hydra_cli
-from liverfusion.utils.hydra_utils import CONFIG_DIR, to_plain
+from liverfusion.utils.hydra_utils import CONFIG_DIR
+from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 

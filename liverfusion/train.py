@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from liverfusion.errors import ConfigError, LiverfusionError
+from liverfusion.errors import ConfigError
 from liverfusion.utils.atomic import atomic_write_text
 from liverfusion.utils.cli import cli_errors, hydra_cli
 from liverfusion.utils.hydra_utils import (
@@ -28,10 +28,9 @@ from liverfusion.utils.hydra_utils import (
     instantiate_group,
     save_resolved_config,
 )
-from liverfusion.utils.privacy import ids_in_text, without_secrets
+from liverfusion.utils.privacy import guard_run, without_secrets
 
 log = logging.getLogger(__name__)
-from liverfusion.utils.run_folder import PUBLIC_DEFAULT_SALT  # noqa: E402
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -66,17 +65,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             model = torch.compile(model)
         callbacks = instantiate_group(cfg.get("callbacks"))
         if cfg.get("privacy"):
-            if _wandb_configs(cfg):
-                _check_public_names(cfg, datamodule)
-                if str(cfg.get("privacy_salt")) == PUBLIC_DEFAULT_SALT:
-                    log.warning(
-                        "privacy is on with the salt shipped in conf/train.yaml: anyone can re-hash candidate ids; "
-                        "set LIVERFUSION_PRIVACY_SALT to a secret (the same one for every run of a study)"
-                    )
+            guard_run(cfg, datamodule, callbacks, to_wandb=bool(_wandb_configs(cfg)))
             _quiet_wandb_console(cfg)
-            for cb in callbacks:  # privacy: no image leaves the machine, whatever a callback was told
-                if hasattr(cb, "log_images"):
-                    cb.log_images = False
         loggers = instantiate_group(cfg.get("logger"))
         if not loggers:  # nothing to log lr into (logger=none, debug=fast)
             callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
@@ -165,34 +155,6 @@ def _check_trainer_values(cfg: DictConfig) -> None:
                 f"trainer.{key}={value!r}: expected a positive integer (or -1 for no limit)",
                 fix=f"set trainer.{key} to e.g. 20",
             )
-
-
-def _public_names(cfg: DictConfig) -> list[str]:
-    """What names a run outside the machine: run name, task, tags and the loggers' name/group/tags/job type."""
-    texts = [str(cfg.get("run_name", "")), str(cfg.get("task_name", "")), *map(str, cfg.get("tags") or [])]
-    for sub in (cfg.get("logger") or {}).values():
-        if isinstance(sub, DictConfig):
-            texts += [str(sub.get(k) or "") for k in ("name", "group", "job_type", "notes")]
-            texts += [str(t) for t in (sub.get("tags") or [])]
-    return texts
-
-
-def _check_public_names(cfg: DictConfig, datamodule: Any) -> None:
-    """Privacy: refuse a run whose W&B name, group or tags contain a case or patient id of the data set."""
-    layout = getattr(datamodule, "layout", None)
-    if layout is None:
-        return
-    try:
-        cases = layout.scan()
-    except (LiverfusionError, OSError) as err:  # not there yet (phantom generated on first use)
-        log.debug("privacy: run names not checked against case ids (%s)", err)
-        return
-    found = ids_in_text(_public_names(cfg), [c.case_id for c in cases] + [c.patient_id for c in cases])
-    if found:
-        raise ConfigError(
-            f"privacy is on but the run name / group / tags contain {len(found)} case or patient id(s) "
-            f"({', '.join(found[:3])}): they would reach W&B; rename the run (run_name, tags)"
-        )
 
 
 def _wandb_configs(cfg: DictConfig) -> list[DictConfig]:

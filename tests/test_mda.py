@@ -356,7 +356,9 @@ def test_pair_grid_png_and_wandb_callback(tiny, cache, tmp_path):
     from lightning.pytorch.loggers import WandbLogger
     from PIL import Image
 
-    from liverfusion.viz.pairs import PairGridLogger, draw_pairs, images_allowed, save_pairs_png
+    from liverfusion.callbacks import PairGridLogger
+    from liverfusion.utils.privacy import images_allowed
+    from liverfusion.viz.pairs import draw_pairs, save_pairs_png
 
     dm = make_dm(tiny_layout(tiny), cache)
     ds = dm.pair_dataset()

@@ -36,7 +36,7 @@ from liverfusion.data.transforms import (
     reseed,
 )
 from liverfusion.errors import ConfigError
-from liverfusion.utils.hydra_utils import to_plain
+from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 

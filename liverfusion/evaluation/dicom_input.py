@@ -105,7 +105,7 @@ def prepare_config(
     name under ``conf/prepare/rules`` or a YAML file)."""
     from omegaconf import OmegaConf
 
-    from liverfusion.prepare.app import to_plain
+    from liverfusion.prepare.settings import plain_settings
 
     rules_file = Path(str(rules)).expanduser()
     by_name = str(rules) in rule_set_names()
@@ -127,7 +127,7 @@ def prepare_config(
             *overrides,
         ]
     )
-    plain = to_plain(cfg)
+    plain = plain_settings(cfg)
     if not by_name:
         try:
             loaded = OmegaConf.to_container(OmegaConf.load(rules_file), resolve=True)

@@ -43,7 +43,7 @@ from liverfusion.modules.feature_cache import FeatureCacheMixin
 from liverfusion.modules.held_out import HeldOutEvaluation
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, split_decay
 from liverfusion.utils.config_sections import check_section, model_config
-from liverfusion.utils.hydra_utils import to_plain
+from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 

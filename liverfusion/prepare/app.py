@@ -55,8 +55,6 @@ from liverfusion.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-to_plain = plain_settings  # the name other modules import (liverfusion.evaluation.dicom_input)
-
 __all__ = [
     "EXIT_FAILED_CASES",
     "EXIT_PRIVACY",
@@ -77,7 +75,6 @@ __all__ = [
     "sanitized_config",
     "scan",
     "settings_fingerprint",
-    "to_plain",
     "validate",
 ]
 

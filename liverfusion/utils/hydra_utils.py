@@ -17,7 +17,6 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from liverfusion.utils.plain import to_plain  # noqa: F401  (re-exported: the one helper)
 from liverfusion.utils.search_path import LATE_GROUPS, normalize_overrides, user_config_dirs
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,6 @@ __all__ = [
     "normalize_overrides",
     "register_resolvers",
     "save_resolved_config",
-    "to_plain",
     "user_config_dirs",
 ]
 

@@ -24,14 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from liverfusion.errors import CheckpointError, ConfigError
 from liverfusion.utils.atomic import atomic_write_text
-from liverfusion.utils.privacy import SECRET_KEYS
+from liverfusion.utils.privacy import PUBLIC_DEFAULT_SALT, SECRET_KEYS
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "liverfusion-run/1"
 CONFIG_FILE = "config_resolved.yaml"
 MASK = "***"
 SALT_ENV = "LIVERFUSION_PRIVACY_SALT"
-PUBLIC_DEFAULT_SALT = "liverfusion"  # conf/train.yaml's fallback when LIVERFUSION_PRIVACY_SALT is unset
 _KDF_ROUNDS = 200_000  # slow enough that a fingerprint does not help guessing a salt
 
 

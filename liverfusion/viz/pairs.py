@@ -6,7 +6,8 @@ Command line (Hydra, composes the same data config as pre-training)::
     python -m liverfusion.viz.pairs data=phantom n=8
     python -m liverfusion.viz.pairs experiment=simsiam_same_modality out=/tmp/same.png
 
-The same grid is logged to W&B at the start of pre-training by :class:`PairGridLogger` (a Lightning callback).
+The same grid is logged to W&B at the start of pre-training by
+:class:`liverfusion.callbacks.pair_grid.PairGridLogger` (a Lightning callback).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,6 +28,7 @@ from liverfusion.errors import ConfigError
 from liverfusion.utils.atomic import atomic_path
 from liverfusion.utils.cli import cli_errors, hydra_cli
 from liverfusion.utils.hydra_utils import CONFIG_DIR
+from liverfusion.utils.privacy import images_allowed
 
 log = logging.getLogger(__name__)
 
@@ -102,68 +103,6 @@ def figure_array(fig: Figure) -> np.ndarray:
     canvas = fig.canvas
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def images_allowed(log_images: bool | str, clinical: bool) -> bool:
-    """``auto`` shows images unless the data set is marked clinical (patient images must not leave the site)."""
-    if isinstance(log_images, str):
-        if log_images != "auto":
-            raise ConfigError(f"log_images must be true, false or 'auto', got {log_images!r}")
-        return not clinical
-    return bool(log_images)
-
-
-class PairGridLogger(L.Callback):
-    """Logs the example-pair grid to W&B when pre-training starts (only when a WandbLogger is attached).
-
-    Args:
-        n: number of pairs. per_row: pairs per band of rows. seed: which cases and augmentations are shown.
-        log_images: true, false or ``auto`` (no images when the data set's layout is ``clinical``).
-        key: the W&B key.
-    """
-
-    def __init__(
-        self,
-        n: int = 8,
-        per_row: int = 4,
-        seed: int = 0,
-        log_images: bool | str = "auto",
-        key: str = "pairs/examples",
-    ):
-        self.n, self.per_row, self.seed, self.log_images, self.key = (
-            int(n),
-            int(per_row),
-            int(seed),
-            log_images,
-            key,
-        )
-        self.logged = False
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if not wandb_loggers or not trainer.is_global_zero:
-            return
-        dm = trainer.datamodule
-        clinical = bool(getattr(getattr(dm, "layout", None), "clinical", False))
-        if not images_allowed(self.log_images, clinical):
-            log.info(
-                "example pairs not logged: the data set is marked clinical (log_images=%s)", self.log_images
-            )
-            return
-        dataset = getattr(trainer.train_dataloader, "dataset", None)
-        if dataset is None or not hasattr(dataset, "sampler"):
-            return
-        items = draw_pairs(dataset, self.n, self.seed)
-        modalities = list(getattr(dm, "modalities", []) or pl_module.modalities)
-        policy = getattr(getattr(dataset, "sampler", None), "policy", "")
-        fig = pairs_figure(items, modalities, f"MDA pairs ({policy})", self.per_row)
-        for lg in wandb_loggers:
-            lg.log_image(
-                key=self.key, images=[figure_array(fig)], caption=[f"{len(items)} pairs, policy {policy}"]
-            )
-        self.logged = True
 
 
 def make_grid(cfg: DictConfig) -> Path:
