@@ -103,6 +103,56 @@ def run(args: Sequence[str], out: Path, log_name: str = "run.log", done: str = "
     return seconds
 
 
+KEPT_SUFFIXES = (".json", ".csv", ".yaml", ".txt", ".md")
+"""What :func:`archive_runs` keeps of a run: its results, configs, splits, metric curves and timings."""
+KEPT_NAMES = ("encoder.pt",)
+"""... and the exported encoders (a few MB each: what every fine-tuning arm starts from)."""
+DROPPED_NAMES = ("submission.json",)
+"""Per-case copies of what predictions.csv holds (the checkpoints, features and figures are dropped too)."""
+
+
+def _kept(path: Path) -> bool:
+    return path.name in KEPT_NAMES or (path.suffix in KEPT_SUFFIXES and path.name not in DROPPED_NAMES)
+
+
+def archive_runs(work: Path, dest: Path, parts: Sequence[str], loose: Sequence[str] = ()) -> int:
+    """Copy what a benchmark's summary needs of every finished run under ``work/<part>`` into ``dest`` (a tracked
+    folder): no checkpoints, so it stays small, and a fresh clone that restores it (:func:`restore_runs`)
+    aggregates and resumes without re-running what is done. Only finished runs (a ``seconds.txt``) are kept, plus
+    the files matching the ``loose`` globs (relative to ``work``); returns the number of files written."""
+    n = 0
+    for pattern in loose:
+        for f in sorted(work.glob(pattern)):
+            target = dest / f.relative_to(work)
+            if f.is_file() and (not target.is_file() or target.read_bytes() != f.read_bytes()):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
+                n += 1
+    for part in parts:
+        for done in sorted((work / part).rglob("seconds.txt")):
+            run_dir = done.parent
+            for f in sorted(run_dir.rglob("*")):
+                if f.is_file() and _kept(f):
+                    target = dest / f.relative_to(work)
+                    if not target.is_file() or target.read_bytes() != f.read_bytes():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(f, target)
+                        n += 1
+    return n
+
+
+def restore_runs(src: Path, work: Path) -> int:
+    """Copy an archive (:func:`archive_runs`) into ``work`` where a file is missing there; returns how many."""
+    n = 0
+    for f in sorted(src.rglob("*")) if src.is_dir() else []:
+        target = work / f.relative_to(src)
+        if f.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+            n += 1
+    return n
+
+
 def in_process(threads: int, workdir: Path) -> None:
     """Set up a script that trains or predicts in its own process: W&B off (unless set), ``threads`` torch
     threads, its work folder."""

@@ -34,6 +34,9 @@ else:  # run as python benchmarks/ssl_value.py: common.py lies beside it, on sys
     import common
 
 SCRATCH, PRETRAINED = "scratch", "pretrained"
+ARCHIVE = common.RESULTS / "ssl_value_runs"
+"""The finished runs of each stage, committed (results, configs, curves, encoder files; no checkpoints)."""
+ARCHIVED_PARTS = ("pretrain", "runs", "external")
 
 
 def pct(fraction: float) -> str:
@@ -464,6 +467,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--work", default=None, help="work folder (default: .cache/benchmarks/ssl_value_<stage>)"
     )
+    parser.add_argument(
+        "--archive",
+        action="store_true",
+        help=f"at the end, keep the finished runs' results (no checkpoints) in {ARCHIVE.relative_to(common.REPO)}/"
+        "<stage>: a fresh clone restores them from there and resumes",
+    )
     args = parser.parse_args(argv)
 
     protocol, recipes, arms = (common.load_yaml("ssl_value", n) for n in ("protocol", "recipes", "arms"))
@@ -482,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown_fractions:
         parser.error(f"unknown fraction(s) {unknown_fractions}; the {args.stage} stage has {staged}")
 
+    restored = common.restore_runs(ARCHIVE / args.stage, work)
+    if restored:
+        print(f"{restored} file(s) of finished runs restored from {ARCHIVE / args.stage}", flush=True)
     encoders: dict[str, Path] = {}
     for name, recipe in recipes.items():
         path = work / "pretrain" / name / "checkpoints" / "encoder.pt"
@@ -555,6 +567,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         label_efficiency_plot(rows, cohort, figures)
     command = "python benchmarks/ssl_value.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(write_results(stem, stage, rows, headline, comparisons, diag, curves, command.strip()))
+    if args.archive:
+        n = common.archive_runs(work, ARCHIVE / args.stage, ARCHIVED_PARTS, loose=["diagnostics/*.json"])
+        print(f"{n} file(s) archived in {ARCHIVE / args.stage}", flush=True)
 
 
 if __name__ == "__main__":

@@ -270,3 +270,42 @@ def test_a_script_run_by_path_finds_common_beside_it(script, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith(f"usage: {script}.py")
+
+
+def test_archive_keeps_finished_runs_without_checkpoints_and_restore_fills_only_gaps(tmp_path):
+    """A finished run keeps its results, configs and encoder file; its checkpoints, features and per-case copies
+    stay behind; an unfinished run is not kept; restoring copies what is missing and never overwrites."""
+    work, dest, fresh = tmp_path / "work", tmp_path / "archive", tmp_path / "fresh"
+    done = work / "runs" / "arm@labels10" / "fold0"
+    files = {
+        "seconds.txt": "1.0\n",
+        "test/summary.json": "{}",
+        "test/predictions.csv": "case,label\n",
+        ".hydra/config.yaml": "a: 1\n",
+        "test/submission.json": "[]",
+        "test/features.npz": "x",
+        "checkpoints/best.ckpt": "x",
+        "checkpoints/encoder.pt": "weights",
+    }
+    for rel, text in files.items():
+        (done / rel).parent.mkdir(parents=True, exist_ok=True)
+        (done / rel).write_text(text)
+    (work / "runs" / "arm@labels10" / "fold1" / "test").mkdir(parents=True)
+    (work / "runs" / "arm@labels10" / "fold1" / "test" / "summary.json").write_text("{}")  # no seconds.txt
+    (work / "diagnostics").mkdir()
+    (work / "diagnostics" / "random_bn.json").write_text("{}")
+    assert common.archive_runs(work, dest, ["runs"], loose=["diagnostics/*.json"]) == 6
+    kept = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    prefix = "runs/arm@labels10/fold0/"
+    assert kept == sorted(
+        ["diagnostics/random_bn.json"]
+        + [prefix + r for r in (".hydra/config.yaml", "checkpoints/encoder.pt", "seconds.txt")]
+        + [prefix + r for r in ("test/predictions.csv", "test/summary.json")]
+    )
+    assert common.archive_runs(work, dest, ["runs"], loose=["diagnostics/*.json"]) == 0  # nothing new
+    (fresh / prefix / "test").mkdir(parents=True)
+    (fresh / prefix / "test" / "summary.json").write_text('{"newer": 1}')
+    assert common.restore_runs(dest, fresh) == 5
+    assert (fresh / prefix / "test" / "summary.json").read_text() == '{"newer": 1}'
+    assert (fresh / prefix / "checkpoints" / "encoder.pt").read_text() == "weights"
+    assert common.restore_runs(tmp_path / "absent", fresh) == 0
