@@ -219,8 +219,8 @@ def cohort_predictions(
         if name in external:
             entry["external"] = read_predictions_csv(external[name]["ensemble"])
             entry["external_folds"] = [
-                read_predictions_csv(p) for t, p in external[name].items() if t != "ensemble"
-            ]
+                read_predictions_csv(p) for t, p in sorted(external[name].items()) if t != "ensemble"
+            ]  # fold0, fold1, ...: the same order for every arm (per-fold differences pair them)
         out[name] = entry
     return out
 
@@ -248,9 +248,8 @@ def arm_rows(
             )
         folds = preds[name].get("external_folds") or []
         if folds:
-            row["external_fold_mean"], row["external_fold_std"] = mean_std(
-                [f.point_metrics()[metric] for f in folds]
-            )
+            row["external_folds"] = [f.point_metrics()[metric] for f in folds]
+            row["external_fold_mean"], row["external_fold_std"] = mean_std(row["external_folds"])
         rows.append(row)
     return rows
 
@@ -427,7 +426,13 @@ def write_results(
             f"**Headline** ({h['cohort']}, {pct(h['fraction'])} % labels): best pre-trained arm chosen on "
             f"validation `{h['best_arm']}` {fmt(h['best_ensemble_macro_f1'])} vs best scratch arm "
             f"`{h['scratch_arm']}` {fmt(h['scratch_ensemble_macro_f1'])}: delta {fmt(h['delta'], True)} "
-            f"[{fmt(h['delta_low'], True)}, {fmt(h['delta_high'], True)}], p {h['p']:.3g}.",
+            f"[{fmt(h['delta_low'], True)}, {fmt(h['delta_high'], True)}], p {h['p']:.3g}."
+            + (
+                f" Per fold model: {', '.join(fmt(d, True) for d in h['fold_deltas'])}"
+                f" ({'all one sign' if h['folds_agree_in_sign'] else 'signs differ'})."
+                if "fold_deltas" in h
+                else ""
+            ),
         ]
     text = "\n".join(lines) + "\n"
     common.RESULTS.mkdir(parents=True, exist_ok=True)
@@ -560,6 +565,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "delta_high": c["high"],
                     "p": c["p_value"],
                 }
+                by_arm = {r["arm"]: r for r in rows}
+                fa, fb = (by_arm[n].get(f"{cohort}_folds") for n in (best_p, best_s))
+                if fa and fb and len(fa) == len(fb):  # per fold model, paired by fold
+                    deltas = [x - y for x, y in zip(fa, fb, strict=True)]
+                    headline["fold_deltas"] = deltas
+                    headline["folds_agree_in_sign"] = all(d > 0 for d in deltas) or all(d < 0 for d in deltas)
     stem = "ssl_value" + ("_screening" if args.stage == "screening" else "")
     figures = common.RESULTS / "figures" / stem
     curves = learning_curves(work, list(encoders), figures)
