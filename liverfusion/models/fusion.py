@@ -300,10 +300,9 @@ class SingleModalityFusion(Fusion):
         return FusionOutput(self.head(features), features)
 
 
-class LateConcatFusion(Fusion):
-    """Baseline ``late_concat``: pooled features of all modalities concatenated (absent ones zero) + head."""
-
-    name = "late_concat"
+class PooledHeadFusion(Fusion):
+    """A fusion of pooled vectors whose only parameters are one classifier head, ``head_width`` features wide
+    (``late_concat``, ``late_mean``, ``early``)."""
 
     def __init__(
         self,
@@ -314,8 +313,23 @@ class LateConcatFusion(Fusion):
         dropout: float = 0.0,
     ):
         super().__init__(num_modalities, in_channels, num_classes, hidden_dims=hidden_dims, dropout=dropout)
-        self.feature_dim = num_modalities * in_channels
+        self.feature_dim = self.head_width(num_modalities, in_channels)
         self.head = ClassifierHead(self.feature_dim, num_classes, hidden_dims, dropout)
+
+    @staticmethod
+    def head_width(num_modalities: int, in_channels: int) -> int:
+        """Features the head reads: one modality's pooled vector (a concatenation overrides it)."""
+        return in_channels
+
+
+class LateConcatFusion(PooledHeadFusion):
+    """Baseline ``late_concat``: pooled features of all modalities concatenated (absent ones zero) + head."""
+
+    name = "late_concat"
+
+    @staticmethod
+    def head_width(num_modalities: int, in_channels: int) -> int:
+        return num_modalities * in_channels
 
     def forward(
         self, maps: torch.Tensor | None, pooled: torch.Tensor | None, mask: torch.Tensor
@@ -324,25 +338,13 @@ class LateConcatFusion(Fusion):
         return FusionOutput(self.head(features), features)
 
 
-class LateMeanFusion(Fusion):
+class LateMeanFusion(PooledHeadFusion):
     """Baseline ``late_mean``: one head shared by all modalities; logits averaged over the present ones.
 
     ``features`` is the mean pooled vector over present modalities. A case with no modality gets zero logits.
     """
 
     name = "late_mean"
-
-    def __init__(
-        self,
-        num_modalities: int,
-        in_channels: int,
-        num_classes: int,
-        hidden_dims: Sequence[int] = (),
-        dropout: float = 0.0,
-    ):
-        super().__init__(num_modalities, in_channels, num_classes, hidden_dims=hidden_dims, dropout=dropout)
-        self.feature_dim = in_channels
-        self.head = ClassifierHead(in_channels, num_classes, hidden_dims, dropout)
 
     def forward(
         self, maps: torch.Tensor | None, pooled: torch.Tensor | None, mask: torch.Tensor
@@ -355,7 +357,7 @@ class LateMeanFusion(Fusion):
         return FusionOutput(logits, features)
 
 
-class EarlyFusion(Fusion):
+class EarlyFusion(PooledHeadFusion):
     """Baseline ``early`` (the LLD-MMRI official recipe): the modalities are the input channels of one encoder
     (``in_channels = num_modalities``), so fusion is the identity and only a head remains.
 
@@ -365,18 +367,6 @@ class EarlyFusion(Fusion):
 
     name = "early"
     topology = "early"
-
-    def __init__(
-        self,
-        num_modalities: int,
-        in_channels: int,
-        num_classes: int,
-        hidden_dims: Sequence[int] = (),
-        dropout: float = 0.0,
-    ):
-        super().__init__(num_modalities, in_channels, num_classes, hidden_dims=hidden_dims, dropout=dropout)
-        self.feature_dim = in_channels
-        self.head = ClassifierHead(in_channels, num_classes, hidden_dims, dropout)
 
     @property
     def input_slots(self) -> int:

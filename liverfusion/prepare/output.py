@@ -42,6 +42,17 @@ def write_nifti(img: sitk.Image, path: Path) -> None:
         )
 
 
+def _read_state(path: Path) -> dict[str, Any] | None:
+    """A state file of a run (marker, settings) or None when it is absent or unreadable (a killed write: that part
+    is simply done again)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 class OutputTree:
     def __init__(self, root: Path, subjects: str = "subjects", qa_dir: str = "qa"):
         self.root = root
@@ -99,13 +110,7 @@ class OutputTree:
         return self.markers / f"{patient}.json"
 
     def read_marker(self, patient: str) -> dict[str, Any] | None:
-        path = self.marker_path(patient)
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        return _read_state(self.marker_path(patient))
 
     def finished(self, patient: str) -> dict[str, Any] | None:
         """The marker of a patient whose every case folder exists and who had no failure, else None."""
@@ -121,13 +126,7 @@ class OutputTree:
 
     # settings of the data set --------------------------------------------------------------------------------
     def read_settings(self) -> dict[str, Any] | None:
-        path = self.state / "settings.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        return _read_state(self.state / "settings.json")
 
     def write_settings(self, settings: Mapping[str, Any]) -> None:
         atomic_write_text(
