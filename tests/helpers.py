@@ -1,9 +1,11 @@
 """Plain helpers shared by test files (fixtures are in conftest.py): tiny on-disk data sets written with the
-package's own writer, the Hydra overrides that point a run at the session's tiny phantom, the shared real data."""
+package's own writer, the Hydra overrides that point a run at the session's tiny phantom, the shared real data, a
+data module built from the YAML."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +40,14 @@ def tiny_phantom_overrides(root: Path, cache: Path) -> list[str]:
         "data.batch_size=4",
         "extras.print_config=false",
     ]
+
+
+def data_module(cls: type, layout: Any, **kw: Any) -> Any:
+    """``cls`` (a data module class) on ``layout`` with conf/data/_base.yaml's values (the code has none) and ``kw``
+    merged per section. Loading and preprocessing run in the test's process (``num_workers``/``prep_workers`` 0)
+    and evaluation batches are the training batch size, unless ``kw`` says otherwise."""
+    args = {"num_workers": 0, "prep_workers": 0, "eval_batch_size": None, **kw}
+    return cls.from_yaml("_base", layout=layout, **args)
 
 
 def shared_subdir(root: Path, name: str) -> Path:

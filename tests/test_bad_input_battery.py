@@ -32,7 +32,7 @@ from liverfusion.data.layouts import LLDMMRILayout
 from liverfusion.data.splits import SPLIT_FORMAT, make_splits
 from liverfusion.errors import ConfigError
 from liverfusion.utils.run_folder import salt_matches
-from tests.helpers import PHASES, write_lld_like
+from tests.helpers import PHASES, data_module, write_lld_like
 from tests.test_prepare_bad_inputs import (
     all_nan,
     binary_mask,
@@ -535,7 +535,12 @@ def test_unknown_preprocess_key_is_a_config_error_naming_it(tmp_path):
 
     layout = LLDMMRILayout(tmp_path / "absent", modalities=PHASES, class_names=CLASSES)
     with pytest.raises(ConfigError, match="data.preprocess: unknown key") as info:
-        ClassificationDataModule(layout, preprocess={"shape": [4, 8, 8], "spacingg": 1.0}, cache_dir=tmp_path)
+        data_module(
+            ClassificationDataModule,
+            layout,
+            preprocess={"shape": [4, 8, 8], "spacingg": 1.0},
+            cache_dir=tmp_path,
+        )
     assert "spacingg" in str(info.value) and "target_spacing" in (info.value.fix or "")
 
 

@@ -226,17 +226,85 @@ def test_the_check_finds_a_default_the_yaml_does_not_state():
 
     class Knobbed(ClassificationDataModule):
         def __init__(self, *args: Any, new_knob: int = 3, **kwargs: Any):
-            super().__init__(*args, drop_last=True, **kwargs)
+            super().__init__(*args, predict_part="test", **kwargs)
 
     cfg = compose_train(["data=phantom"])
     node = OmegaConf.to_container(cfg.data, resolve=False)
     found = code_defaults(Knobbed)
-    assert found[0] == "new_knob" and "batch_size" in found and "split" in found
-    assert "drop_last" not in found  # the subclass passes it
-    assert "eval_crop" in found and "predict_part" in found
+    assert found == ["new_knob", "eval_crop"], (
+        found
+    )  # the base's default followed; predict_part the subclass passes
     target = "liverfusion.data.datamodule.ClassificationDataModule"
     reported = [n for n in found if n not in node and n not in FRAMEWORK and (target, n) not in PENDING]
     assert reported == ["new_knob"], reported
+
+
+DATA_MODULES = ("liverfusion.data.datamodule.ClassificationDataModule", "liverfusion.data.mda.MDADataModule")
+
+
+@pytest.mark.parametrize("target", DATA_MODULES)
+def test_data_modules_take_every_value_from_the_yaml(target):
+    """A data module keyword has no default in code (the YAML states it): one that regains a default fails here,
+    even where the YAML states it too. Only a key the framework passes (FRAMEWORK) or a PENDING gap keeps one."""
+    allowed = {p for p, (targets, _) in FRAMEWORK.items() if target.startswith(targets)}
+    allowed |= {name for t, name in PENDING if t == target}
+    found = code_defaults(resolve_target(target))
+    assert not [n for n in found if n not in allowed], f"{target}: drop the code default of {found}"
+    assert "batch_size" in resolve_target(target).required_keys()
+
+
+def test_a_missing_data_key_is_a_config_error_naming_it(tmp_path):
+    """Built from a config lacking a key (or in Python without it), the module names the key and where the values
+    live, instead of Python's TypeError from deep in the ``__init__`` chain."""
+    from hydra.errors import InstantiationException
+
+    from liverfusion.data.mda import MDADataModule
+    from liverfusion.errors import ConfigError
+
+    for overrides, key in ((["data=phantom"], "batch_size"), (["+experiment=simsiam_pretrain"], "monitor")):
+        cfg = _with_paths(compose_train(overrides), tmp_path)
+        with open_dict(cfg):
+            del cfg.data[key]
+        with pytest.raises(InstantiationException) as info:
+            instantiate(cfg.data)
+        cause = info.value.__cause__
+        assert isinstance(cause, ConfigError) and f"[{key!r}]" in str(cause), cause
+        assert "conf/data" in cause.fix and "from_yaml" in cause.fix
+    for cls in (ClassificationDataModule, MDADataModule):
+        with pytest.raises(ConfigError, match=r"missing key\(s\) \['cache_dir'\]"):
+            cls.from_yaml("phantom", data_dir=tmp_path)  # cache_dir interpolates the run's paths: not taken
+
+
+def test_from_yaml_builds_what_the_composed_config_builds(tmp_path):
+    """``from_yaml`` (the Python way in) reads the values a run composes: the data set's file over _base.yaml, and
+    for the MDA module the pre-training experiment's own keys."""
+    from liverfusion.data.mda import MDADataModule
+
+    for cls, overrides in (
+        (ClassificationDataModule, ["data=phantom"]),
+        (MDADataModule, ["+experiment=simsiam_pretrain"]),
+    ):
+        cfg = _with_paths(compose_train(overrides), tmp_path)
+        run = instantiate(cfg.data)
+        built = cls.from_yaml("phantom", data_dir=cfg.paths.data_dir, cache_dir=cfg.paths.cache_dir)
+        assert type(built) is type(run) and built.layout.describe() == run.layout.describe()
+        assert built.split_cfg == {**run.split_cfg, "save_to": None}  # no run folder to write the split into
+        keys = [
+            "batch_size",
+            "eval_batch_size",
+            "num_workers",
+            "prep_workers",
+            "fold",
+            "cache_dir",
+            "drop_last",
+        ]
+        keys += ["pretrain_parts", "monitor"] if cls is MDADataModule else ["balanced_sampler", "eval_crop"]
+        for key in keys:
+            assert getattr(built, key) == getattr(run, key), key
+        assert built.preprocess == run.preprocess
+        if cls is MDADataModule:
+            assert vars(built.sampler).keys() == vars(run.sampler).keys()
+            assert built.sampler.policy == run.sampler.policy and built.sampler.p_cross == run.sampler.p_cross
 
 
 def test_a_base_class_fixing_arguments_is_followed():

@@ -16,7 +16,7 @@ from liverfusion.data.io import check_voxels, file_digest, load_volume, reorient
 from liverfusion.data.layouts import LLDMMRILayout
 from liverfusion.data.preprocess import PreprocessConfig, Preprocessor
 from liverfusion.errors import ConfigError, DataError
-from tests.helpers import PHASES, write_lld_like
+from tests.helpers import PHASES, data_module, write_lld_like
 
 SPACING = (3.0, 1.5, 1.0)  # (sD, sH, sW)
 
@@ -53,7 +53,8 @@ def test_mirrored_phase_is_reoriented_and_reported_by_name(tmp_path):
 
     reports = {}
     for orientation in ("RAS", "none"):
-        dm = ClassificationDataModule(
+        dm = data_module(
+            ClassificationDataModule,
             LLDMMRILayout(root, modalities=PHASES, class_names=["a", "b"]),
             preprocess={"shape": [6, 12, 12], "normalize": "none", "orientation": orientation},
             cache_dir=tmp_path / "cache",
@@ -87,7 +88,8 @@ def test_grid_and_field_of_view_disagreements_are_named(tmp_path):
     shifted = np.diag([1.0, 1.0, 3.0, 1.0])
     shifted[2, 3] = 30.0  # same grid, 10 slices further up
     save_volume(case / "DWI.nii.gz", b, spacing=(3.0, 1.0, 1.0), affine=shifted)
-    dm = ClassificationDataModule(
+    dm = data_module(
+        ClassificationDataModule,
         LLDMMRILayout(root, modalities=PHASES, class_names=["a", "b"]),
         preprocess={"shape": [6, 12, 12]},
         cache_dir=tmp_path / "cache",

@@ -21,7 +21,7 @@ from liverfusion.data.layouts import (
 from liverfusion.data.preprocess import PreprocessConfig
 from liverfusion.data.splits import Splits, make_splits
 from liverfusion.errors import ConfigError, DataError
-from tests.helpers import PHASES, write_lld_like
+from tests.helpers import PHASES, data_module, write_lld_like
 
 
 @pytest.fixture
@@ -87,7 +87,8 @@ def test_bad_volume_errors_name_file_and_reason(lld, tmp_path, corrupt, reason):
         import nibabel as nib
 
         nib.save(nib.Nifti1Image(np.ones((4, 4), np.float32), np.eye(4)), str(target))
-    dm = ClassificationDataModule(
+    dm = data_module(
+        ClassificationDataModule,
         layout(lld),
         preprocess={"shape": [4, 8, 8]},
         cache_dir=tmp_path / "cache",
@@ -187,7 +188,8 @@ def test_cache_keyed_by_content_and_config(lld, tmp_path):
 
 def test_nothing_written_under_data_dir(lld, tmp_path):
     before = sorted((p, p.stat().st_mtime_ns) for p in lld.rglob("*"))
-    dm = ClassificationDataModule(
+    dm = data_module(
+        ClassificationDataModule,
         layout(lld),
         preprocess={"shape": [4, 8, 8]},
         cache_dir=tmp_path / "cache",
@@ -253,7 +255,8 @@ def test_median_normalisation_of_a_mostly_empty_volume_names_the_file(lld, tmp_p
     a[:2, :4, :4] = 5.0  # median 0: most voxels carry no signal
     a[0, 0, 0] = 6.0  # three values: an image, not a two-valued mask
     save_volume(target, a)
-    dm = ClassificationDataModule(
+    dm = data_module(
+        ClassificationDataModule,
         layout(lld),
         preprocess={"shape": [4, 8, 8], "normalize": "median"},
         cache_dir=tmp_path / "cache",

@@ -27,7 +27,7 @@ from liverfusion.data.mda import MDADataModule
 from liverfusion.models import build_encoder
 from liverfusion.modules.simsiam import SimSiam
 from liverfusion.utils.config_sections import model_config
-from tests.helpers import PHASES, TINY_ENCODER, write_lld_like
+from tests.helpers import PHASES, TINY_ENCODER, data_module, write_lld_like
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (6, 16, 16)
@@ -62,7 +62,8 @@ class RecordDistributed(L.Callback):
 
 def make_dm(root: Path, cache: Path, fold: int) -> MDADataModule:
     layout = LLDMMRILayout(root, modalities=PHASES, class_names=CLASSES, name="tiny")
-    return MDADataModule(
+    return data_module(
+        MDADataModule,
         layout,
         preprocess={"shape": list(SHAPE)},
         cache_dir=cache,

@@ -27,7 +27,7 @@ from liverfusion.data.transforms import (
 )
 from liverfusion.errors import ConfigError
 from liverfusion.utils.config_sections import model_config
-from tests.helpers import PHASES, write_lld_like
+from tests.helpers import PHASES, data_module, write_lld_like
 
 SHAPE = (6, 16, 16)
 # damaged cases are unlabelled, so they always belong to the pre-training pool ("unlabelled" part)
@@ -71,7 +71,7 @@ def make_dm(layout, cache: Path, **kw) -> MDADataModule:
         "split": {"n_folds": 3, "test_fraction": 0.25, "seed": 0},
     }
     args.update(kw)
-    dm = MDADataModule(layout, **args)
+    dm = data_module(MDADataModule, layout, **args)
     dm.setup("fit")
     return dm
 
@@ -184,7 +184,7 @@ def test_validation_and_test_patients_never_enter_pretraining(tiny, cache):
     assert {e.patient_id for e in query.entries} <= set(dm.partition["val"])
     for part in (["train", "val"], ["test"]):
         with pytest.raises(ConfigError, match="pretrain_parts"):
-            MDADataModule(tiny_layout(tiny), pretrain_parts=part)
+            data_module(MDADataModule, tiny_layout(tiny), cache_dir=cache, pretrain_parts=part)
 
 
 def _one_modality_folder(root: Path, n: int = 6) -> Path:

@@ -10,6 +10,7 @@ import pytest
 
 from liverfusion.data.layouts import PhantomLayout
 from liverfusion.data.mda import MDADataModule
+from tests.helpers import data_module
 
 SHAPE = [8, 16, 16]
 
@@ -26,7 +27,8 @@ def _dm(root: Path, cache: Path, n_unlabelled: int, parts=("train", "unlabelled"
         modalities=["T2WI", "DWI", "In Phase", "Out Phase", "C-pre", "C+A", "C+V", "C+Delay"],
         class_names=["hemangioma", "ICC", "abscess", "metastasis", "cyst", "FNH", "HCC"],
     )
-    dm = MDADataModule(
+    dm = data_module(
+        MDADataModule,
         layout,
         preprocess={"shape": SHAPE, "cache_dtype": "float32"},
         cache_dir=cache,

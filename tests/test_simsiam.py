@@ -25,7 +25,7 @@ from liverfusion.modules.encoder_file import ENCODER_FORMAT, load_encoder_payloa
 from liverfusion.modules.simsiam import SimSiam
 from liverfusion.modules.ssl_health import TrainingDivergedError
 from liverfusion.utils.config_sections import model_config
-from tests.helpers import PHASES, TINY_ENCODER, write_lld_like
+from tests.helpers import PHASES, TINY_ENCODER, data_module, write_lld_like
 
 SHAPE = (6, 16, 16)
 
@@ -72,7 +72,7 @@ def tiny_dm_factory(tmp_path_factory):
             "progress": False,
             "split": {"n_folds": 3, "test_fraction": 0.25, "seed": 0},
         }
-        return MDADataModule(layout, **{**args, **kw})
+        return data_module(MDADataModule, layout, **{**args, **kw})
 
     return make
 

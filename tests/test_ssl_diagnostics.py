@@ -33,7 +33,7 @@ from liverfusion.modules.frozen_features import (
     frozen_features,
     recalibrate_batchnorm,
 )
-from tests.helpers import PHASES, TINY_ENCODER, write_lld_like
+from tests.helpers import PHASES, TINY_ENCODER, data_module, write_lld_like
 
 N, M, D = 60, 8, 16
 
@@ -213,7 +213,8 @@ SHAPE = (6, 16, 16)
 def tiny_dm(tmp_path_factory) -> ClassificationDataModule:
     root = write_lld_like(tmp_path_factory.mktemp("ssl_diag") / "lld", n_patients=18, shape=SHAPE)
     layout = LLDMMRILayout(root, modalities=PHASES, class_names=["a", "b", "c"], name="tiny_diag")
-    dm = ClassificationDataModule(
+    dm = data_module(
+        ClassificationDataModule,
         layout,
         preprocess={"shape": list(SHAPE), "normalize": "percentile"},
         cache_dir=tmp_path_factory.mktemp("cache"),

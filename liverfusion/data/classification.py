@@ -80,15 +80,19 @@ class ClassificationDataModule(MultiModalDataModule):
         drop_last: drop the last incomplete training batch (BatchNorm dislikes a batch of one).
         predict_part: the split that ``predict_dataloader`` serves: train, val, test, or ``all`` (every case of
             the data set, labelled or not, with no split made: a separate cohort).
+
+    Like the base class's, these keywords have no defaults (the YAML states them), except two: ``predict_part``,
+    which evaluate and predict set to the split they serve, and ``eval_crop``, until conf/data/_base.yaml states
+    it (tests/test_config_defaults.py lists both).
     """
 
     def __init__(
         self,
         *args: Any,
-        train_transform: Any = None,
+        train_transform: Any,
+        balanced_sampler: bool,
+        drop_last: bool,
         eval_crop: Sequence[int] | None = None,
-        balanced_sampler: bool = False,
-        drop_last: bool = False,
         predict_part: str = "test",
         **kwargs: Any,
     ):

@@ -36,6 +36,7 @@ from liverfusion.data.transforms import (
     reseed,
 )
 from liverfusion.errors import ConfigError
+from liverfusion.utils.config_sections import merge_sections, model_config
 from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ POLICIES = ("cross", "same", "mixed", "hybrid", "stack")
 STACK = -1  # view_modalities value of a stack view (all modalities at once)
 PRETRAIN_PARTS = ("train", "unlabelled")
 PAIR_KEYS = ("policy", "p_cross", "weights", "fallback_same")
+_CLASSIFICATION_KEYS = ("train_transform", "balanced_sampler")  # in conf/data/_base.yaml, not taken here
 
 
 class PairSampler:
@@ -226,21 +228,36 @@ class MDADataModule(MultiModalDataModule):
         drop_last: drop the last incomplete batch (BatchNorm of the SimSiam heads needs full batches).
         monitor: serve the kNN monitor's loaders: 0 = memory bank (labelled training cases, all modalities,
             no augmentation), 1 = queries (labelled validation cases).
+
+    These keys are stated by the pre-training experiment (``conf/experiment/simsiam_pretrain.yaml``'s ``data``
+    section, which names this class) and the ``augment`` group; :meth:`yaml_arguments` reads them from there.
     """
+
+    @classmethod
+    def yaml_arguments(cls, name: str) -> dict[str, Any]:
+        """The data set's YAML (less the classification keys) with the pre-training experiment's ``data`` section
+        over it (this module's own keys, and its batch size), as ``+experiment=simsiam_pretrain`` composes them;
+        no augmentation (``conf/augment/none.yaml``) unless the caller passes one."""
+        args = super().yaml_arguments(name)
+        for key in _CLASSIFICATION_KEYS:
+            args.pop(key, None)
+        experiment = model_config("simsiam_pretrain", group="experiment")["data"]
+        experiment.pop("_target_", None)
+        return merge_sections(args, {**experiment, **model_config("none", group="augment")})
 
     def __init__(
         self,
         *args: Any,
-        pairs: Mapping[str, Any] | None = None,
-        augment: Any = None,
-        batch_augment: Any = None,
-        pretrain_parts: Sequence[str] = PRETRAIN_PARTS,
-        drop_last: bool = True,
-        monitor: bool = True,
+        pairs: Mapping[str, Any],
+        augment: Any,
+        batch_augment: Any,
+        pretrain_parts: Sequence[str],
+        drop_last: bool,
+        monitor: bool,
         **kwargs: Any,
     ):
-        kwargs.pop("train_transform", None)
-        kwargs.pop("balanced_sampler", None)
+        for key in _CLASSIFICATION_KEYS:  # conf/data/_base.yaml serves both modules
+            kwargs.pop(key, None)
         super().__init__(*args, **kwargs)
         pairs = dict(to_plain(pairs) or {})
         unknown = sorted(set(pairs) - set(PAIR_KEYS))

@@ -5,6 +5,7 @@ their historical path, :mod:`liverfusion.data.datamodule`."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
@@ -29,7 +30,7 @@ from liverfusion.data.splits import (
     splits_from_case_lists,
 )
 from liverfusion.errors import ConfigError
-from liverfusion.utils.config_sections import check_section, model_config
+from liverfusion.utils.config_sections import check_section, merge_sections, model_config
 from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,16 @@ def split_defaults() -> dict[str, Any]:
     return {k: None if OmegaConf.is_interpolation(node, k) else node[k] for k in SPLIT_KEYS}
 
 
+def _without_interpolations(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` less each value (in it or a section of it) that interpolates the run's config: outside a run there
+    is nothing to resolve it against."""
+    return {
+        k: _without_interpolations(v) if isinstance(v, dict) else v
+        for k, v in cfg.items()
+        if not (isinstance(v, str) and "${" in v)
+    }
+
+
 class MultiModalDataModule(L.LightningDataModule):
     """Base data module.
 
@@ -115,26 +126,107 @@ class MultiModalDataModule(L.LightningDataModule):
         label_fraction: share of the training patients whose labels are kept (label-efficiency studies); the rest
             of the training patients still serve pre-training.
 
-    Runs take every value from ``conf/data/*.yaml`` (``_base.yaml`` states each keyword's default, which
-    tests/test_config_defaults.py checks); the keyword defaults here serve modules built in Python.
+    Every value comes from ``conf/data/*.yaml`` (``_base.yaml`` states each key): the keywords have no defaults
+    here, and a missing one is a ConfigError naming it (:meth:`__new__`). A module built in Python reads the same
+    YAML through :meth:`from_yaml`.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> MultiModalDataModule:
+        """A keyword the YAML states but the call lacks is one ConfigError naming every such key and where they
+        live (Python's TypeError names the parameters of whichever ``__init__`` of the chain lacks them). A call
+        with no arguments at all is pickle or copy rebuilding an instance: nothing to check."""
+        if args or kwargs:
+            missing = [k for k in cls.required_keys() if k not in kwargs]
+            if missing:
+                raise ConfigError(
+                    f"data: missing key(s) {missing} for {cls.__name__}; the YAML states every data key "
+                    "(conf/data/_base.yaml; a pre-training module's own: conf/experiment/simsiam_pretrain.yaml)",
+                    fix=f"build the data module from conf/data (compose data=<name>, or {cls.__name__}.from_yaml"
+                    "(<name>, ...))",
+                )
+        return super().__new__(cls)
+
+    @classmethod
+    def required_keys(cls) -> list[str]:
+        """The keyword-only parameters without a default of this class and the data module classes it hands
+        ``**kwargs`` to: what a config must state."""
+        keys: list[str] = []
+        for klass in cls.__mro__:
+            if "__init__" not in klass.__dict__ or not issubclass(klass, MultiModalDataModule):
+                continue
+            params = inspect.signature(klass.__init__).parameters.values()
+            keys += [
+                p.name
+                for p in params
+                if p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name not in keys
+            ]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return keys
+
+    @classmethod
+    def yaml_arguments(cls, name: str) -> dict[str, Any]:
+        """This module's arguments as the YAML states them for data set ``name``: ``conf/data/<name>.yaml`` over
+        ``_base.yaml``, unresolved (``layout`` a ``_target_`` node). A subclass adds the sections its own configs
+        add."""
+        return model_config(name, group="data")
+
+    @classmethod
+    def from_yaml(
+        cls,
+        name: str = "phantom",
+        *,
+        data_dir: str | Path | None = None,
+        **overrides: Any,
+    ) -> MultiModalDataModule:
+        """The module as ``data=<name>`` builds it, from the YAML's values (:meth:`yaml_arguments`) with
+        ``overrides`` merged per section (``preprocess={"shape": ...}`` updates that section).
+
+        A value that points into a run (``cache_dir: ${paths.cache_dir}``, ``split.save_to``) is left out: pass
+        ``cache_dir`` (else the missing key is named); the split then writes no file unless ``split.save_to`` is
+        given. ``layout``: a :class:`Layout`, or else the YAML's node is instantiated, its ``${paths.data_dir}``
+        being ``data_dir``.
+        """
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+        from omegaconf.errors import InterpolationResolutionError
+
+        args = cls.yaml_arguments(name)
+        layout = overrides.pop("layout", None)
+        node = args.pop("layout", None)
+        args = merge_sections(_without_interpolations(args), overrides)
+        if layout is None:
+            if node is None:
+                raise ConfigError(f"data={name!r} has no layout node; pass layout=<a Layout>")
+            paths = {"data_dir": str(data_dir)} if data_dir is not None else {}
+            tree = OmegaConf.create({"paths": paths, "layout": node})
+            try:
+                node = OmegaConf.to_container(tree.layout, resolve=True)
+            except InterpolationResolutionError as err:
+                raise ConfigError(
+                    f"data={name!r}: data.layout interpolates a value outside it ({str(err).splitlines()[0]})",
+                    fix="pass data_dir=<the folder holding the data sets>, or layout=<a Layout>",
+                ) from err
+            layout = instantiate(node)
+        return cls(layout, **args)
 
     def __init__(
         self,
         layout: Layout,
-        preprocess: Mapping[str, Any] | PreprocessConfig | None = None,
-        split: Mapping[str, Any] | None = None,
-        fold: int = 0,
-        cache_dir: str | Path = ".cache/liverfusion",
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        prep_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        in_memory: bool = True,
-        label_fraction: float = 1.0,
-        progress: bool = True,
+        *,
+        preprocess: Mapping[str, Any] | PreprocessConfig,
+        split: Mapping[str, Any],
+        fold: int,
+        cache_dir: str | Path,
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_workers: int,
+        prep_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+        in_memory: bool,
+        label_fraction: float,
+        progress: bool,
     ):
         super().__init__()
         self.layout = layout
