@@ -81,9 +81,8 @@ class ClassificationDataModule(MultiModalDataModule):
         predict_part: the split that ``predict_dataloader`` serves: train, val, test, or ``all`` (every case of
             the data set, labelled or not, with no split made: a separate cohort).
 
-    Like the base class's, these keywords have no defaults (the YAML states them), except two: ``predict_part``,
-    which evaluate and predict set to the split they serve, and ``eval_crop``, until conf/data/_base.yaml states
-    it (tests/test_config_defaults.py lists both).
+    Like the base class's, these keywords have no defaults (the YAML states them), except ``predict_part``, which
+    evaluate and predict set to the split they serve (tests/test_config_defaults.py lists it).
     """
 
     def __init__(
@@ -92,7 +91,7 @@ class ClassificationDataModule(MultiModalDataModule):
         train_transform: Any,
         balanced_sampler: bool,
         drop_last: bool,
-        eval_crop: Sequence[int] | None = None,
+        eval_crop: Sequence[int] | None,
         predict_part: str = "test",
         **kwargs: Any,
     ):

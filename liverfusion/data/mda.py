@@ -45,7 +45,11 @@ POLICIES = ("cross", "same", "mixed", "hybrid", "stack")
 STACK = -1  # view_modalities value of a stack view (all modalities at once)
 PRETRAIN_PARTS = ("train", "unlabelled")
 PAIR_KEYS = ("policy", "p_cross", "weights", "fallback_same")
-_CLASSIFICATION_KEYS = ("train_transform", "balanced_sampler")  # in conf/data/_base.yaml, not taken here
+_CLASSIFICATION_KEYS = (
+    "train_transform",
+    "balanced_sampler",
+    "eval_crop",
+)  # in conf/data/_base.yaml, not taken here
 
 
 class PairSampler:
