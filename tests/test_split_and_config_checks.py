@@ -21,7 +21,7 @@ from liverfusion.data.mda import MDADataModule
 from liverfusion.data.splits import SPLIT_FORMAT, Splits, make_splits, splits_from_case_lists
 from liverfusion.errors import ConfigError, DataError
 from liverfusion.utils.hydra_utils import CONFIG_DIR
-from tests.helpers import PHASES, tiny_phantom_overrides, write_lld_like
+from tests.helpers import PHASES, data_module, tiny_phantom_overrides, write_lld_like
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def datamodule(root: Path, tmp_path: Path, cls=ClassificationDataModule, **kw):
         "split": {"n_folds": 2, "test_fraction": 0.25, "save_to": None},
     }
     args.update(kw)
-    return cls(layout(root), **args)
+    return data_module(cls, layout(root), **args)
 
 
 # ---- a malformed split file: one DataError naming the file and the key ----
