@@ -59,6 +59,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     try:
         log.info("data <%s>", cfg.data._target_)
         datamodule = instantiate(cfg.data)
+        _check_pairing(cfg)
         log.info("model <%s>", cfg.model._target_)
         model = instantiate(cfg.model, data_spec=datamodule.data_spec())
         if cfg.get("compile"):
@@ -99,6 +100,31 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finally:
         close_loggers()
     return metrics, objects
+
+
+def _check_pairing(cfg: DictConfig) -> None:
+    """An SSL method needs a data module that yields views, a classifier one that yields labelled cases: refuse a
+    mismatched pair (e.g. ``model=simsiam`` without its experiment) now, not after the data set is built."""
+    from hydra.utils import get_class
+
+    from liverfusion.data.mda import MDADataModule
+    from liverfusion.modules.ssl_base import SSLModule
+
+    ssl_model = issubclass(get_class(cfg.model._target_), SSLModule)
+    view_data = issubclass(get_class(cfg.data._target_), MDADataModule)
+    if ssl_model != view_data:
+        raise ConfigError(
+            f"model <{cfg.model._target_}> "
+            + (
+                "is an SSL method and needs a data module that yields views"
+                if ssl_model
+                else "is a classifier"
+            )
+            + f", but data <{cfg.data._target_}> "
+            + ("yields labelled cases" if ssl_model else "yields SSL views"),
+            fix="pick an experiment that pairs them: +experiment=simsiam_pretrain (or byol_pretrain, vicreg_pretrain,"
+            " hybrid_pretrain, stack_pretrain) to pre-train, +experiment=cgc_finetune to classify",
+        )
 
 
 def _check_ckpt_path(path: str, model: Any) -> None:

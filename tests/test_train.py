@@ -109,3 +109,48 @@ def test_cli_reports_bad_data_without_a_trace(tmp_path):
     assert "data folder does not exist" in out.stderr
     assert "Traceback" not in out.stderr
     assert str(Path(tmp_path / "nowhere")) in out.stderr
+
+
+def _composed(overrides: list[str], out: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def test_bare_train_pairs_a_classifier_with_labelled_cases(tiny_phantom, tmp_path):
+    """Without an experiment the defaults are a matching pair (a CGC classifier from scratch on the phantom), so
+    `train debug=fast` runs; every experiment overrides the model."""
+    cfg = _composed(
+        [
+            "logger=csv",
+            "callbacks=none",
+            "+trainer.fast_dev_run=true",
+            *tiny_phantom_overrides(tiny_phantom, tmp_path),
+        ],
+        tmp_path / "run",
+    )
+    assert cfg.model._target_.endswith("FusionClassifier") and cfg.model.init == "scratch"
+    metrics, _ = train(cfg)
+    assert math.isfinite(metrics["train/loss_step"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        (["model=simsiam"], "is an SSL method and needs a data module that yields views"),
+        (["+experiment=simsiam_pretrain", "model=classifier"], "is a classifier, but data"),
+    ],
+)
+def test_a_mismatched_model_and_data_module_is_refused_before_the_data_is_built(overrides, said, tmp_path):
+    from liverfusion.errors import ConfigError
+
+    cfg = _composed(
+        [*overrides, "logger=csv", "paths.data_dir=" + str(tmp_path / "nowhere")], tmp_path / "run"
+    )
+    with pytest.raises(ConfigError, match=said) as info:
+        train(cfg)
+    assert "+experiment=" in info.value.fix
+    assert not (tmp_path / "nowhere").exists()  # refused before any phantom was generated
