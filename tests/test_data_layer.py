@@ -307,3 +307,38 @@ def test_generic_layout_columns_and_label_map(tmp_path):
     bad = GenericLayout(root, ["a"], ["low"], id_column="nope")
     with pytest.raises(DataError, match=r"columns \['nope'"):
         bad.scan()
+
+
+def test_a_file_is_hashed_once_per_process_and_again_when_it_changes(tmp_path):
+    from liverfusion.data import io
+
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"a" * 1000)
+    first = io.file_digest(path)
+    reads = io._digest.cache_info().misses
+    assert (
+        io.file_digest(path) == first and io._digest.cache_info().misses == reads
+    )  # remembered, not re-read
+    path.write_bytes(b"b" * 1000)  # same size, new content: the stat changes, so the digest is computed again
+    assert io.file_digest(path) != first
+    copy = tmp_path / "y.bin"
+    copy.write_bytes(b"b" * 1000)
+    assert io.file_digest(copy) == io.file_digest(path)  # content, not identity, is what the digest says
+
+
+def test_prepare_data_then_setup_lists_and_checks_the_data_set_once(lld, tmp_path, monkeypatch):
+    """Lightning calls prepare_data then setup in one process: the second does not scan (and hash) every file
+    again, which on a large archive is most of the time to the first step; a process that only sets up scans."""
+    lay = layout(lld)
+    scans = []
+    real = type(lay).scan
+    monkeypatch.setattr(type(lay), "scan", lambda self: scans.append(1) or real(self))
+    kw = dict(preprocess={"shape": [4, 8, 8]}, cache_dir=tmp_path / "cache", batch_size=2, progress=False)
+    dm = data_module(ClassificationDataModule, lay, **kw)
+    dm.prepare_data()
+    dm.setup()
+    assert len(scans) == 1 and dm.entries and dm.partition["train"]
+    other = data_module(ClassificationDataModule, lay, **kw)  # a DDP rank > 0: setup alone
+    other.setup()
+    assert len(scans) == 2 and sorted(other.entries) == sorted(dm.entries)
+    assert {k: v.path for k, v in other.entries.items()} == {k: v.path for k, v in dm.entries.items()}

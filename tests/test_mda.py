@@ -554,3 +554,32 @@ def test_phase_aware_policies_refuse_one_modality_data_and_unknown_policies():
         ConfigError, match=r"unknown policy 'stak'.*'cross', 'same', 'mixed', 'hybrid', 'stack'"
     ):
         PairSampler(["a", "b"], policy="stak")
+
+
+def test_mda_device_views_leave_the_loader_as_cached_and_are_augmented_after_transfer(tiny, cache):
+    """augment=mda_device: the workers hand over the cached phases untouched, the whole recipe runs on the batch
+    (stack views: one crop box shared by a view's phases, absent phases still zero)."""
+    from liverfusion.data.augment_recipe import device_all, no_loader_part
+    from liverfusion.utils.config_sections import model_config
+
+    recipe = model_config("_mda_recipe", group="augment")["augment"]["recipe"]
+    for policy in ("cross", "stack"):
+        dm = make_dm(
+            tiny_layout(tiny),
+            cache,
+            augment=no_loader_part(recipe),
+            batch_augment=device_all(recipe),
+            pairs={"policy": policy},
+        )
+        batch = next(iter(dm.train_dataloader()))
+        raw = CaseDataset(dm.pretrain_entries())
+        first = raw.entries.index(next(e for e in raw.entries if e.case_id == batch["case_id"][0]))
+        m = batch["view_modalities"][0][0] if policy == "cross" else None
+        cached = raw[first]["image"] if m is None else raw[first]["image"][int(m)][None]
+        assert torch.equal(batch["views"][0][0], cached)  # nothing ran per view in the loader
+        before = [v.clone() for v in batch["views"]]
+        out = dm.on_after_batch_transfer(batch, 0)
+        assert all(a.shape == b.shape and not torch.equal(a, b) for a, b in zip(out["views"], before))
+        if policy == "stack":
+            absent = ~out["present"]
+            assert all(torch.count_nonzero(v[absent]) == 0 for v in out["views"])

@@ -9,8 +9,10 @@ Every reader failure becomes a :class:`~liverfusion.errors.DataError` naming the
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,7 +294,19 @@ def save_volume(
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Content hash of a file (blake2b, 16 bytes): keys caches and finds exact duplicate modality files."""
+    """Content hash of a file (blake2b, 16 bytes): keys caches and finds exact duplicate modality files.
+
+    Remembered per process by the file's identity and stat (device, inode, size, modification and change times),
+    so a run that scans a data set several times (duplicate check, cache keys, prepare_data then setup) reads each
+    file once; any write to the file changes its stat and so its key.
+    """
+    st = os.stat(path)
+    return _digest(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _digest(path: str, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int, chunk: int) -> str:
+    del dev, ino, size, mtime_ns, ctime_ns  # only the cache key
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while True:

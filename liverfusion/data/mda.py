@@ -25,6 +25,7 @@ import torch
 from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from liverfusion.data.batched_monai import BatchRandScaleCropResize
 from liverfusion.data.cache import CachedCase
 from liverfusion.data.datamodule import MultiModalDataModule, check_value
 from liverfusion.data.datasets import CaseDataset
@@ -150,7 +151,8 @@ def split_spatial(transform: Any) -> tuple[Any, Any]:
 
 
 def _is_spatial(t: Any) -> bool:
-    """MONAI's spatial and crop/pad transforms, torchio's SpatialTransform, liverfusion's batched flip/affine."""
+    """MONAI's spatial and crop/pad transforms, torchio's SpatialTransform, liverfusion's batched flip / affine /
+    crop + resize."""
     module = type(t).__module__
     if module.startswith(("monai.transforms.spatial", "monai.transforms.croppad")):
         return True
@@ -158,7 +160,7 @@ def _is_spatial(t: Any) -> bool:
         import torchio
 
         return isinstance(t, torchio.transforms.SpatialTransform)
-    return isinstance(t, BatchRandFlip | BatchRandAffine)
+    return isinstance(t, BatchRandFlip | BatchRandAffine | BatchRandScaleCropResize)
 
 
 class ViewDataset(Dataset):

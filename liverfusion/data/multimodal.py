@@ -230,6 +230,8 @@ class MultiModalDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.layout = layout
+        # prepare_data's scan, for this process's setup
+        self._prepared: tuple[list[Case], list, list[CachedCase]] | None = None
         pre = to_plain(preprocess) or {}
         self.preprocess = pre if isinstance(pre, PreprocessConfig) else PreprocessConfig.from_dict(pre)
         self.split_cfg = self._check_split(to_plain(split) or {})
@@ -335,8 +337,11 @@ class MultiModalDataModule(L.LightningDataModule):
         return PreprocessedCache(self.cache_dir, self.layout.name, self.modalities, self.preprocess)
 
     def prepare_data(self) -> None:
-        """Rank 0 decodes and caches every case once."""
-        self._cache().build(self.layout.scan(), workers=self.prep_workers, progress=self.progress)
+        """Rank 0 decodes and caches every case once; its scan serves this process's ``setup`` (a data set is
+        listed and checked once per run, not twice)."""
+        cases = self.layout.scan()
+        cached = self._cache().build(cases, workers=self.prep_workers, progress=self.progress)
+        self._prepared = (cases, list(self.layout.skipped), cached)
 
     def setup(self, stage: str | None = None) -> None:
         if self.entries:
@@ -352,10 +357,16 @@ class MultiModalDataModule(L.LightningDataModule):
 
     def _scan_and_cache(self) -> list[CachedCase]:
         """Scan the layout (its skipped cases warned about) and cache every case: fills ``cases`` and ``entries``."""
-        self.cases = self.layout.scan()
-        for case_id, why in self.layout.skipped:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            self.cases, skipped, cached = prepared
+        else:
+            self.cases = self.layout.scan()
+            skipped = self.layout.skipped
+        for case_id, why in skipped:
             log.warning("case %s left out: %s", case_id, why)
-        cached = self._cache().build(self.cases, workers=self.prep_workers, progress=self.progress)
+        if prepared is None:
+            cached = self._cache().build(self.cases, workers=self.prep_workers, progress=self.progress)
         self.entries = {e.case_id: e for e in cached}
         return cached
 

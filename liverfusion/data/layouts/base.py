@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -26,14 +27,25 @@ def name_key(name: str) -> str:
     return re.sub(r"[\s_]+", "_", str(name).strip().lower())
 
 
-def match_file(folder: Path, expected: str, case: str, what: str = "") -> Path:
+def folder_files(folder: Path) -> list[Path] | None:
+    """The files of a case folder (None when it cannot be listed): list once, match every modality against it."""
+    try:
+        with os.scandir(folder) as it:
+            return [Path(e.path) for e in it if e.is_file()]
+    except OSError:
+        return None
+
+
+def match_file(
+    folder: Path, expected: str, case: str, what: str = "", files: Sequence[Path] | None = None
+) -> Path:
     """The file of ``folder`` named ``expected`` up to ``name_key`` (``folder / expected`` itself when no file
     matches: the layout then reports it missing). Two files of the case matching the same name is an error:
-    which one is the modality cannot be guessed."""
+    which one is the modality cannot be guessed. ``files``: the folder's :func:`folder_files`, when the caller
+    matches several names in one folder."""
     exact = folder / expected
-    try:
-        entries = [p for p in folder.iterdir() if p.is_file()]
-    except OSError:
+    entries = folder_files(folder) if files is None else files
+    if entries is None:
         return exact
     want = name_key(expected)
     found = sorted(p for p in entries if name_key(p.name) == want)

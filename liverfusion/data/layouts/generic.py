@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from liverfusion.data.case import Case
-from liverfusion.data.layouts.base import Layout, match_file, patient_from_case
+from liverfusion.data.layouts.base import Layout, folder_files, match_file, patient_from_case
 from liverfusion.errors import DataError
 
 
@@ -73,12 +73,14 @@ class GenericLayout(Layout):
                 self.labels.parse(row[self.label_column], case_id, csv_path) if self.label_column else None
             )
             patient = str(row[self.patient_column]).strip() if self.patient_column else ""
+            files = folder_files(folder)
             images = {
                 m: match_file(
                     folder,
                     self.modality_files.get(m, self.file_pattern.format(modality=m)),
                     case_id,
                     f"modality {m!r}",
+                    files,
                 )
                 for m in self.modalities
             }

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from liverfusion.data.case import Case
-from liverfusion.data.layouts.base import Layout, match_file, patient_from_case
+from liverfusion.data.layouts.base import Layout, folder_files, match_file, patient_from_case
 from liverfusion.errors import DataError
 
 LLD_MMRI_PHASES = ["T2WI", "DWI", "In Phase", "Out Phase", "C-pre", "C+A", "C+V", "C+Delay"]
@@ -77,8 +77,10 @@ class LLDMMRILayout(Layout):
         return cases
 
     def _case(self, case_id: str, label: int | None, folder: Path) -> Case:
+        files = folder_files(folder)
         images = {
-            m: match_file(folder, f"{m}{self.extension}", case_id, f"phase {m!r}") for m in self.modalities
+            m: match_file(folder, f"{m}{self.extension}", case_id, f"phase {m!r}", files)
+            for m in self.modalities
         }
         mask = None
         if self.mask_dir:
