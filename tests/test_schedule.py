@@ -38,7 +38,7 @@ def test_warmup_then_cosine_to_floor():
 def test_fixed_lr_group_keeps_its_lr_while_others_follow_the_schedule():
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     groups = [{"params": a.parameters(), "lr": 0.2}, {"params": b.parameters(), "lr": 0.2, "fixed_lr": True}]
-    opt = build_optimizer(groups, {"name": "sgd", "momentum": 0.9})
+    opt = build_optimizer(groups, {"name": "sgd", "momentum": 0.9, "nesterov": False})
     sched = build_scheduler(opt, total_steps=20, cfg={"warmup_steps": 0, "min_lr_ratio": 0.0})
     lrs = []
     for _ in range(20):
@@ -59,8 +59,34 @@ def test_split_decay_excludes_norm_and_bias_only_when_asked():
     assert len(decay) == 6 and not no_decay
 
 
-def test_optimizer_names():
+def test_optimizer_names_and_settings_come_from_the_yaml_only():
     params = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1}]
-    assert isinstance(build_optimizer(params, {"name": "adamw"}), torch.optim.AdamW)
+    opt = build_optimizer(params, {"name": "adamw", "betas": [0.8, 0.99]})
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.8, 0.99)
     with pytest.raises(ConfigError, match="optimizer.name"):
         build_optimizer(params, {"name": "lamb"})
+    # no code default: a setting the YAML does not state is one error naming it
+    with pytest.raises(ConfigError, match="model.optimizer has no 'nesterov'"):
+        build_optimizer(params, {"name": "sgd", "momentum": 0.9})
+    with pytest.raises(ConfigError, match="model.scheduler has no 'min_lr_ratio'"):
+        build_scheduler(build_optimizer(params, {"name": "adam"}), 10, {"warmup_steps": 0})
+
+
+def test_an_ssl_config_written_before_a_setting_existed_reads_it_from_the_yaml():
+    """Runs configured before nesterov / betas / warmup_steps were stated in conf/model/_ssl.yaml lack them: they
+    come from that file (the one place a default lives), not from the code."""
+    from liverfusion.modules.simsiam import SimSiam
+    from liverfusion.modules.ssl_config import checked_config
+    from liverfusion.utils.config_sections import model_config
+
+    cfg = model_config("simsiam")
+    cfg.pop("encoder", None)
+    old = {**cfg, "optimizer": dict(cfg["optimizer"]), "scheduler": dict(cfg["scheduler"])}
+    for key in ("nesterov", "betas"):
+        old["optimizer"].pop(key)
+    old["scheduler"].pop("warmup_steps")
+    got = checked_config(SimSiam, old)
+    base = model_config("_ssl")
+    assert got["optimizer"]["nesterov"] == base["optimizer"]["nesterov"]
+    assert got["optimizer"]["betas"] == base["optimizer"]["betas"]
+    assert got["scheduler"]["warmup_steps"] is None

@@ -29,17 +29,24 @@ def scaled_lr(
     return base_lr * batch_size * world_size * accumulate / reference
 
 
+def _key(cfg: Mapping[str, Any], key: str, section: str) -> Any:
+    """A setting the YAML states (``conf/model/classifier.yaml``, ``conf/model/_ssl.yaml``): no code default."""
+    if key not in cfg:
+        raise ConfigError(f"model.{section} has no {key!r}; the defaults live in conf/model/*.yaml")
+    return cfg[key]
+
+
 def build_optimizer(groups: list[dict[str, Any]], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    name = str(cfg.get("name", "sgd")).lower()
+    name = str(_key(cfg, "name", "optimizer")).lower()
     if name == "sgd":
         return torch.optim.SGD(
             groups,
             lr=groups[0]["lr"],
-            momentum=float(cfg.get("momentum", 0.9)),
-            nesterov=bool(cfg.get("nesterov", False)),
+            momentum=float(_key(cfg, "momentum", "optimizer")),
+            nesterov=bool(_key(cfg, "nesterov", "optimizer")),
         )
     if name == "adamw":
-        betas = tuple(cfg.get("betas", (0.9, 0.999)))
+        betas = tuple(float(b) for b in _key(cfg, "betas", "optimizer"))
         return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas)
     if name == "adam":
         return torch.optim.Adam(groups, lr=groups[0]["lr"])
@@ -62,9 +69,9 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Mapping[str, Any]):
     """LambdaLR stepping every optimiser step; groups flagged ``fixed_lr`` keep their lr (SimSiam's predictor)."""
-    warmup = cfg.get("warmup_steps")
+    warmup = _key(cfg, "warmup_steps", "scheduler")
     if warmup is None:
-        warmup = round(float(cfg.get("warmup_fraction", 0.0)) * total_steps)
-    cosine = warmup_cosine(total_steps, int(warmup), float(cfg.get("min_lr_ratio", 0.0)))
+        warmup = round(float(_key(cfg, "warmup_fraction", "scheduler")) * total_steps)
+    cosine = warmup_cosine(total_steps, int(warmup), float(_key(cfg, "min_lr_ratio", "scheduler")))
     lambdas = [(lambda _s: 1.0) if g.get("fixed_lr") else cosine for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

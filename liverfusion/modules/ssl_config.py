@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from liverfusion.errors import ConfigError
-from liverfusion.utils.config_sections import check_section
+from liverfusion.utils.config_sections import check_section, model_config
 from liverfusion.utils.plain import to_plain
 
 # model sections: (required keys, optional keys); None = a plain value, not a section
@@ -59,7 +59,14 @@ def checked_config(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
             section = check_section(key, value, *spec)
             out[key] = {"kind": section["kind"], "fusion": section["fusion"]}
         else:
-            out[key] = to_plain(check_section(key, to_plain(value), *spec))
+            section = to_plain(check_section(key, to_plain(value), *spec))
+            absent = [k for k in spec[1] if k not in section]
+            if (
+                absent
+            ):  # added since: a run configured before reads it from conf/model/_ssl.yaml, the one default
+                base = model_config("_ssl")[key]
+                section.update({k: base[k] for k in absent})
+            out[key] = section
     return out
 
 
