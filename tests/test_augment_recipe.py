@@ -23,6 +23,11 @@ from monai.transforms import (
 )
 
 from liverfusion.data.augment_recipe import device_part, loader_part, per_view
+from liverfusion.data.batched_monai import (
+    BatchRandBiasField,
+    BatchRandGaussianSmooth,
+    BatchRandScaleCropResize,
+)
 from liverfusion.data.transforms import BatchCompose, BatchRandAffine, BatchRandFlip, BatchRandIntensity
 from liverfusion.errors import ConfigError
 from liverfusion.utils.config_sections import model_config
@@ -118,7 +123,7 @@ def test_zero_probability_leaves_a_transform_out_and_unknown_keys_are_refused():
         device_part({k: v for k, v in RECIPE.items() if k != "flip"})
 
 
-@pytest.mark.parametrize("option", ["mda_cpu", "mda_batched", "mda_spatial"])
+@pytest.mark.parametrize("option", ["mda_cpu", "mda_batched", "mda_spatial", "mda_device"])
 def test_augment_options_compose_from_the_one_recipe(option):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
@@ -137,6 +142,33 @@ def test_augment_options_compose_from_the_one_recipe(option):
         assert next(t for t in loader if isinstance(t, RandGaussianNoise)).std == 0.07 and not device
     elif option == "mda_batched":
         assert device[-1].std == 0.07 and isinstance(device[0], BatchRandFlip)
+    elif option == "mda_device":  # the loader does nothing; the device runs mda_batched's two parts in order
+        assert loader == [] and device[-1].std == 0.07
+        assert [type(t) for t in device] == [
+            BatchRandScaleCropResize,
+            BatchRandGaussianSmooth,
+            BatchRandBiasField,
+            *(type(t) for t in device_part(cfg.data.augment.recipe)),
+        ]
     else:  # spatial only: no intensity anywhere
         assert [type(t) for t in device] == [BatchRandFlip, BatchRandAffine]
         assert not any(isinstance(t, BatchRandIntensity) for t in device)
+
+
+def test_mda_device_moves_the_loader_part_to_the_batch_with_the_same_draw_ranges():
+    """What mda_batched's workers do per view (crop + resize, smoothing, bias field) is, with mda_device, the first
+    batched transforms, with the recipe's numbers: the crop box range, the smoothing sigma range and probability,
+    the bias field coefficient range and probability."""
+    from liverfusion.data.augment_recipe import device_all
+
+    crop, smooth, bias = device_all(RECIPE)[:3]
+    assert crop.roi_scale == list(RECIPE["crop"]["roi_scale"])
+    assert crop.max_roi_scale == list(RECIPE["crop"]["max_roi_scale"])
+    assert (smooth.prob, smooth.sigma) == (RECIPE["smooth"]["prob"], list(RECIPE["smooth"]["sigma"]))
+    assert (bias.prob, bias.coeff_range) == (
+        RECIPE["bias_field"]["prob"],
+        list(RECIPE["bias_field"]["coeff_range"]),
+    )
+    x = torch.rand(4, 1, *SHAPE)
+    out = BatchCompose(device_all(RECIPE))(x, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.isfinite(out).all() and not torch.equal(out, x)

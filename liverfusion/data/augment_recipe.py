@@ -4,7 +4,9 @@
 view in the loader workers (``augment=mda_cpu``, MONAI transforms); :func:`loader_part` + :func:`device_part` split
 the same recipe by cost (``augment=mda_batched``): crop / resize / smoothing / bias field stay per view, flips,
 affine, intensity and noise run batched after transfer (``liverfusion.data.transforms.Batch*``), with per-sample
-draws from the same ranges. A transform whose probability is 0 is left out (``augment=mda_spatial``).
+draws from the same ranges; :func:`no_loader_part` + :func:`device_all` (``augment=mda_device``) batch all of it,
+so the loader workers only gather cached volumes. A transform whose probability is 0 is left out
+(``augment=mda_spatial``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from monai.transforms import (
     Resize,
 )
 
+from liverfusion.data.batched_monai import (
+    BatchRandBiasField,
+    BatchRandGaussianSmooth,
+    BatchRandScaleCropResize,
+)
 from liverfusion.data.transforms import (
     BatchRandAffine,
     BatchRandFlip,
@@ -114,6 +121,26 @@ def loader_part(recipe: Mapping[str, Any], shape: Sequence[int]) -> list[Callabl
     """What stays per view in the loader workers when the rest runs batched: crop, resize, smoothing, bias field."""
     r = checked_recipe(recipe)
     return _crop_resize(r, shape) + _smooth_bias(r)
+
+
+def no_loader_part(recipe: Mapping[str, Any]) -> list[Callable]:
+    """``augment=mda_device``: nothing runs per view in the loader workers (they only gather cached volumes)."""
+    checked_recipe(recipe)
+    return []
+
+
+def device_all(recipe: Mapping[str, Any]) -> list[Callable]:
+    """``augment=mda_device``: the whole recipe batched after transfer, in ``mda_batched``'s order: crop + resize,
+    smoothing, bias field (``liverfusion.data.batched_monai``), then :func:`device_part`."""
+    r = checked_recipe(recipe)
+    crop = r["crop"]
+    out: list[Callable] = [BatchRandScaleCropResize(list(crop["roi_scale"]), list(crop["max_roi_scale"]))]
+    if r["smooth"]["prob"] > 0:
+        out.append(BatchRandGaussianSmooth(prob=r["smooth"]["prob"], sigma=list(r["smooth"]["sigma"])))
+    if r["bias_field"]["prob"] > 0:
+        b = r["bias_field"]
+        out.append(BatchRandBiasField(prob=b["prob"], coeff_range=list(b["coeff_range"])))
+    return out + device_part(recipe)
 
 
 def device_part(recipe: Mapping[str, Any]) -> list[Callable]:
