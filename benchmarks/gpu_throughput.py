@@ -5,7 +5,8 @@ Settings (``SETTINGS`` below; ``--quick`` runs the ones marked quick, about 5 mi
 
 - SimSiam at the GPU preset (``+experiment=simsiam_pretrain_gpu``: ResNet-18, 16x128x128, batch 64 pairs, batched
   augmentation on the device) in fp32, bf16 autocast, bf16 + channels_last_3d, bf16 + ``torch.compile``, and with
-  0 / 4 / 8 / 16 loader workers; the same at 96x96x96;
+  0 / 4 / 8 / 16 loader workers, with the whole augmentation batched on the device (``augment=mda_device``: the
+  workers only gather cached volumes); the same at 96x96x96;
 - the phase-aware hybrid recipe (``hybrid_pretrain``'s objective on the GPU preset, 3 views per case);
 - CGC fine-tuning (``+experiment=cgc_finetune`` with ResNet-18 at 16x128x128, bf16, 8 workers).
 
@@ -82,6 +83,19 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "pretrain_bf16_workers16": {
         "kind": "pretrain",
         "overrides": [*PRETRAIN, "data.num_workers=16"],
+        "precision": BF16,
+        "quick": True,
+    },
+    # the whole augmentation batched on the device (the workers only gather cached volumes)
+    "pretrain_bf16_device_augment": {
+        "kind": "pretrain",
+        "overrides": [*PRETRAIN, "augment=mda_device"],
+        "precision": BF16,
+        "quick": True,
+    },
+    "pretrain_bf16_device_augment_workers4": {
+        "kind": "pretrain",
+        "overrides": [*PRETRAIN, "augment=mda_device", "data.num_workers=4"],
         "precision": BF16,
         "quick": True,
     },

@@ -309,3 +309,68 @@ def test_archive_keeps_finished_runs_without_checkpoints_and_restore_fills_only_
     assert (fresh / prefix / "test" / "summary.json").read_text() == '{"newer": 1}'
     assert (fresh / prefix / "checkpoints" / "encoder.pt").read_text() == "weights"
     assert common.restore_runs(tmp_path / "absent", fresh) == 0
+
+
+def test_first_step_sums_import_self_time_per_top_level_package():
+    from benchmarks import first_step
+
+    log = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            "import time:      1500 |       1500 |     torch._C",
+            "import time:      2500 |       4000 |   torch",
+            "import time:       250 |        250 | hydra.core",
+            "import time:      1000 |       1000 | lightning",
+            "not an import line",
+        ]
+    )
+    rows = first_step.import_breakdown(log)
+    assert rows == [
+        {"package": "torch", "self_s": 0.004},
+        {"package": "lightning", "self_s": 0.001},
+        {"package": "hydra", "self_s": 0.0},
+    ]
+    res = {
+        "trees": {"before": "/a", "after": "/b"},
+        "arms": {
+            "x": {
+                t: {"first_step": {"median": m, "min": m, "max": m}}
+                for t, m in (("before", 4.0), ("after", 3.0))
+            }
+        },
+    }
+    assert "| x | 4.00 (4.00-4.00) | 3.00 (3.00-3.00) | 0.75 |" in first_step.markdown(res)
+
+
+def test_first_step_probe_reports_the_first_optimiser_step(tmp_path):
+    """The probe's hook fires on the first step of any torch optimiser and only once."""
+    from benchmarks import first_step
+
+    script = first_step.PROBE.replace(
+        "runpy.run_module('liverfusion.train', run_name='__main__', alter_sys=True)",
+        "import torch\np = torch.nn.Parameter(torch.ones(1))\nopt = torch.optim.SGD([p], lr=0.1)\n"
+        "for _ in range(3):\n    p.grad = torch.ones(1)\n    opt.step()\n",
+    )
+    env = first_step._env(Path(__file__).resolve().parents[1], __import__("time").time())
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    marks = first_step.MARK.findall(out.stderr)
+    assert len(marks) == 1 and 0 < float(marks[0]) < 120
+
+
+def test_loader_throughput_counts_the_memory_of_its_workers():
+    """Proportional set size of this process and its children: a child holding 200 MB of anonymous memory adds
+    about that much (the in-memory cache's cost is counted across the loader workers)."""
+    from benchmarks import loader_throughput
+
+    alone = loader_throughput._memory_of_tree()
+    hold = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ok"
+        with_child = loader_throughput._memory_of_tree()
+    finally:
+        child.kill()
+        child.wait()
+    assert alone["pss_anon_mb"] > 0
+    assert 180 < with_child["pss_anon_mb"] - alone["pss_anon_mb"] < 260
