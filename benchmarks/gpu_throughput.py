@@ -1,7 +1,7 @@
 """GPU throughput of pre-training and fine-tuning: samples/s, step time, data wait, peak memory, achieved FLOP/s as a
 share of a dense bf16 matmul measured in the same run, and Lightning against a plain PyTorch loop.
 
-Settings (``SETTINGS`` below; ``--quick`` runs the ones marked quick, about 5 minutes on an H200 including data):
+Settings (``gpu_throughput/settings.yaml``; ``--quick`` runs the ones marked quick, about 5 minutes on an H200 including data):
 
 - SimSiam at the GPU preset (``+experiment=simsiam_pretrain_gpu``: ResNet-18, 16x128x128, batch 64 pairs, batched
   augmentation on the device) in fp32, bf16 autocast, bf16 + channels_last_3d, bf16 + ``torch.compile``, and with
@@ -38,86 +38,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-PRETRAIN = ["+experiment=simsiam_pretrain_gpu"]
-HYBRID = [
-    *PRETRAIN,
-    "data.pairs.policy=hybrid",
-    "model.objective.name=hybrid",
-    "model.objective.shared_fraction=0.5",
-    "model.phase_head.weight=0.5",
-]
-FINETUNE = [
-    "+experiment=cgc_finetune",
-    "trainer=gpu",
-    "encoder@model.encoder=resnet18",
-    "model.init=scratch",
-    "data.preprocess.shape=[16,128,128]",
-    "data.batch_size=16",
-    "data.num_workers=8",
-    "data.pin_memory=true",
-    "callbacks.step_checkpoint=null",
-]
-BF16, FP32 = "bf16-mixed", "32-true"
-SETTINGS: dict[str, dict[str, Any]] = {
-    # name: kind (pretrain | finetune), overrides, precision, compile, quick
-    "pretrain_fp32": {"kind": "pretrain", "overrides": PRETRAIN, "precision": FP32, "quick": True},
-    "pretrain_bf16": {"kind": "pretrain", "overrides": PRETRAIN, "precision": BF16, "quick": True},
-    "pretrain_bf16_no_channels_last": {
-        "kind": "pretrain",
-        "overrides": [*PRETRAIN, "model.channels_last=false"],
-        "precision": BF16,
-        "quick": True,
-    },
-    "pretrain_bf16_compile": {"kind": "pretrain", "overrides": PRETRAIN, "precision": BF16, "compile": True},
-    "pretrain_bf16_workers0": {
-        "kind": "pretrain",
-        "overrides": [*PRETRAIN, "data.num_workers=0", "data.persistent_workers=false"],
-        "precision": BF16,
-    },
-    "pretrain_bf16_workers4": {
-        "kind": "pretrain",
-        "overrides": [*PRETRAIN, "data.num_workers=4"],
-        "precision": BF16,
-        "quick": True,
-    },
-    "pretrain_bf16_workers16": {
-        "kind": "pretrain",
-        "overrides": [*PRETRAIN, "data.num_workers=16"],
-        "precision": BF16,
-        "quick": True,
-    },
-    # the whole augmentation batched on the device (the workers only gather cached volumes)
-    "pretrain_bf16_device_augment": {
-        "kind": "pretrain",
-        "overrides": [*PRETRAIN, "augment=mda_device"],
-        "precision": BF16,
-        "quick": True,
-    },
-    "pretrain_bf16_device_augment_workers4": {
-        "kind": "pretrain",
-        "overrides": [*PRETRAIN, "augment=mda_device", "data.num_workers=4"],
-        "precision": BF16,
-        "quick": True,
-    },
-    "pretrain_bf16_96cube": {
-        "kind": "pretrain",
-        "overrides": [*PRETRAIN, "data.preprocess.shape=[96,96,96]", "data.batch_size=16"],
-        "precision": BF16,
-    },
-    "hybrid_bf16": {"kind": "pretrain", "overrides": HYBRID, "precision": BF16, "quick": True},
-    "finetune_cgc_bf16": {"kind": "finetune", "overrides": FINETUNE, "precision": BF16, "quick": True},
-}
-TINY = [  # --tiny: the same code paths at a size a CPU runs in seconds (checks the script, measures nothing)
-    "data.preprocess.shape=[8,32,32]",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "data.persistent_workers=false",
-    "data.pin_memory=false",
-    "encoder@model.encoder=resnet10_cpu",
-    "model.projector.hidden_dim=32",
-    "model.projector.out_dim=32",
-    "model.predictor.hidden_dim=16",
-]
+if __package__:
+    from benchmarks import common
+else:
+    import common
+
+SETTINGS: dict[str, dict[str, Any]] = common.load_yaml("gpu_throughput", "settings")
+TINY: list[str] = common.load_yaml("gpu_throughput", "tiny")["overrides"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -374,3 +375,52 @@ def test_loader_throughput_counts_the_memory_of_its_workers():
         child.wait()
     assert alone["pss_anon_mb"] > 0
     assert 180 < with_child["pss_anon_mb"] - alone["pss_anon_mb"] < 260
+
+
+def test_gpu_throughput_composes_every_setting_of_its_yaml_on_cpu(tmp_path):
+    """Every setting of gpu_throughput/settings.yaml composes with the train config (a typo in an override fails
+    here, not in the one short slot on a GPU); fine-tuning settings drop the SSL head sizes of --tiny."""
+    from benchmarks import gpu_throughput
+
+    assert gpu_throughput.SETTINGS and gpu_throughput.TINY
+    quick = [n for n, s in gpu_throughput.SETTINGS.items() if s.get("quick")]
+    assert "pretrain_bf16" in quick and "finetune_cgc_bf16" in quick
+    args = gpu_throughput.parse_args(["--device", "cpu", "--tiny", "--workdir", str(tmp_path)])
+    for name, spec in gpu_throughput.SETTINGS.items():
+        assert spec["kind"] in ("pretrain", "finetune") and spec["precision"] in ("32-true", "bf16-mixed"), (
+            name
+        )
+        cfg = gpu_throughput.compose(args, spec)
+        assert cfg.trainer.precision == spec["precision"], name
+        assert list(cfg.data.preprocess.shape) == [8, 32, 32], name
+        assert ("projector" in cfg.model) == (spec["kind"] == "pretrain"), name
+
+
+def test_gpu_throughput_tiny_run_on_cpu_writes_every_field_the_issue_names(tmp_path):
+    """The one-command GPU run, at --tiny size on CPU: the JSON carries device, torch, cuda and per setting name,
+    samples_per_s, data_wait_fraction, mfu and lightning_over_plain; a second run resumes (nothing redone)."""
+    cmd = [
+        sys.executable,
+        str(BENCHMARKS / "gpu_throughput.py"),
+        "--device",
+        "cpu",
+        "--tiny",
+        "--workdir",
+        str(tmp_path),
+        "--settings",
+        "pretrain_bf16_device_augment",
+        "finetune_cgc_bf16",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    payload = json.loads((tmp_path / "tiny.json").read_text())
+    assert {"device", "torch", "cuda"} <= set(payload) and payload["device"] == "cpu"
+    rows = {r["name"]: r for r in payload["settings"]}
+    assert set(rows) == {"pretrain_bf16_device_augment", "finetune_cgc_bf16"}
+    for row in rows.values():
+        assert row["samples_per_s"] > 0 and 0 <= row["data_wait_fraction"] < 1
+        assert row["mfu"] is None or row["mfu"] >= 0
+        assert 0.2 < row["lightning_over_plain"] < 5
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "done (delete its entry" in again.stdout
