@@ -85,8 +85,14 @@ def _data_module(overrides: list[str]):
     return cfg, dm
 
 
+def _epochs(loader):
+    """The loader's batches, epoch after epoch (a small archive holds fewer batches than are timed)."""
+    while True:
+        yield from loader
+
+
 def _rate(loader, warmup: int, timed: int, pairs_per_batch: int, probe=None) -> dict[str, Any]:
-    it = iter(loader)
+    it = _epochs(loader)
     for _ in range(warmup):
         next(it)
     t0 = time.perf_counter()
