@@ -74,7 +74,8 @@ LABEL_EFFICIENCY_ARMS = {
 }
 LABEL_EFFICIENCY_REUSE = {"mda_probe": "cgc_probe", "mda_finetune": "cgc_finetune", "scratch": "cgc_scratch"}
 _LGG_BASE = ["data=lgg", "paths.cache_dir=/W/cache", *QUIET]
-_LGG_ENC = "/W/pretrain/fold{fold}/checkpoints/encoder.pt"
+_LGG_ENC = "/W/pretrain/mda/fold{fold}/checkpoints/encoder.pt"
+_LGG_HYBRID = "/W/pretrain/hybrid/fold{fold}/checkpoints/encoder.pt"
 _LGG = [
     "+experiment=cgc_finetune",
     "callbacks.step_checkpoint=null",
@@ -95,6 +96,15 @@ LGG_ARMS = {
         *_LGG_BASE,
         "model.init=pretrained",
         f"model.pretrained.path={_LGG_ENC}",
+    ],
+    "hybrid_finetune": [*_LGG, "model.init=pretrained", f"model.pretrained.path={_LGG_HYBRID}"],
+    "hybrid_probe": [
+        "+experiment=cgc_demo",
+        "callbacks.step_checkpoint=null",
+        "callbacks.model_checkpoint.monitor=val/auroc",
+        *_LGG_BASE,
+        "model.init=pretrained",
+        f"model.pretrained.path={_LGG_HYBRID}",
     ],
 }
 _EMA = [
@@ -164,13 +174,43 @@ def test_lgg_cv_arms_and_protocol_are_the_former_python_ones():
     arms = lgg_cv.arms(W)
     assert arms == LGG_ARMS and list(arms) == list(LGG_ARMS)
     assert lgg_cv.base(W) == _LGG_BASE
-    assert lgg_cv.PRETRAINED_ARMS == ("cgc_pretrained", "cgc_pretrained_enc10", "cgc_probe")
+    assert lgg_cv.PRETRAINED_ARMS == (
+        "cgc_pretrained",
+        "cgc_pretrained_enc10",
+        "cgc_probe",
+        "hybrid_finetune",
+        "hybrid_probe",
+    )
+    assert lgg_cv.RECIPES == {
+        "mda": ["+experiment=simsiam_pretrain"],
+        "hybrid": ["+experiment=hybrid_pretrain"],
+    }
     assert lgg_cv.FOLDS == (0, 1, 2, 3, 4)
     assert lgg_cv.PRETRAIN == [
         "data.batch_size=16",
         "trainer.max_epochs=150",
         "trainer.check_val_every_n_epoch=50",
     ]
+
+
+def test_lgg_cv_pretrains_only_the_recipes_an_unfinished_arm_needs(tmp_path, monkeypatch):
+    assert lgg_cv.pending_recipes(tmp_path) == ["mda", "hybrid"]
+    assert lgg_cv.pending_recipes(tmp_path, only=["cgc_scratch"]) == []
+    for fold in lgg_cv.FOLDS:  # every mda arm finished: only hybrid is still needed
+        for arm in ("cgc_pretrained", "cgc_pretrained_enc10", "cgc_probe"):
+            summary = tmp_path / "runs" / arm / f"fold{fold}" / "test" / "summary.json"
+            summary.parent.mkdir(parents=True)
+            summary.write_text("{}")
+    assert lgg_cv.pending_recipes(tmp_path) == ["hybrid"]
+    monkeypatch.setitem(lgg_cv.ARMS, "hybrid_probe", {**lgg_cv.ARMS["hybrid_probe"], "recipe": "byol"})
+    with pytest.raises(ValueError, match=r"hybrid_probe.*'byol'.*\['hybrid', 'mda'\]"):
+        lgg_cv.arms(W)
+
+
+def test_lgg_cv_refuses_an_unknown_arm(capsys):
+    with pytest.raises(SystemExit):
+        lgg_cv.main(["--only", "cgc_sratch"])
+    assert "unknown arm(s) ['cgc_sratch']" in capsys.readouterr().err
 
 
 def test_fusion_tuning_variants_are_the_former_python_table_on_the_benchmark_arm():
