@@ -100,6 +100,55 @@ __all__ = [  # re-exported: older code and the benchmarks import these from live
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------------
+# the primary config's own keys (conf/evaluate.yaml); the groups' keys come from liverfusion.utils.evaluation_settings
+OWN_KEYS = (
+    "task_name",
+    "ckpt_path",
+    "split",
+    "use_checkpoint_data",
+    "override_class_names",
+    "batch_size",
+    "save_features",
+    "compare_to",
+    "compare_metric",
+    "calibrate",
+)
+SECTIONS = ("data", "paths", "extras", "hydra")
+SPLITS = ("test", "val", "train", "all")
+
+
+def _settings(cfg: Any) -> dict[str, Any]:
+    """The run's settings as plain values: every key stated by ``conf/evaluate.yaml`` and its groups (no default
+    here), unknown keys refused, each value checked."""
+    from liverfusion.utils import evaluation_settings as settings
+    from liverfusion.utils.config_sections import check_value
+    from liverfusion.utils.plain import to_plain
+
+    known = (*OWN_KEYS, *settings.SCORING_KEYS, *settings.INFERENCE_KEYS)
+    given = {k: v for k, v in cfg.items() if k not in SECTIONS}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"evaluate: unknown key(s) {unknown}", fix=f"known keys: {', '.join(known)}")
+    missing = [k for k in known if k not in given]
+    if missing:
+        raise ConfigError(
+            f"evaluate: missing key(s) {missing}; compose conf/evaluate.yaml (its defaults live there)"
+        )
+    values = to_plain({k: given[k] for k in OWN_KEYS})
+    if values["ckpt_path"] in (None, "", "???"):
+        raise ConfigError("ckpt_path=... is required: a classifier .ckpt, a run folder or a multirun folder")
+    if str(values["split"]) not in SPLITS:
+        raise ConfigError(f"split={values['split']!r}: choose one of {list(SPLITS)}")
+    values["batch_size"] = check_value("batch_size", values["batch_size"], "int", low=1)
+    for key in ("use_checkpoint_data", "override_class_names", "save_features", "calibrate"):
+        values[key] = check_value(key, values[key], "bool")
+    values.update(settings.scoring({k: to_plain(given[k]) for k in settings.SCORING_KEYS}, where="evaluate"))
+    values.update(
+        settings.inference({k: to_plain(given[k]) for k in settings.INFERENCE_KEYS}, where="evaluate")
+    )
+    return values
+
+
 def _apply_checkpoint_data(cfg: Any, meta: Mapping[str, Any], single: bool) -> None:
     """Modalities, classes, preprocessing and crop from the checkpoint into the data config (in place); on the
     data set the model was trained on, also its split settings and (for one model) its fold, so ``split=test``
@@ -113,7 +162,7 @@ def _apply_checkpoint_data(cfg: Any, meta: Mapping[str, Any], single: bool) -> N
         if "class_names" in layout and layout.class_names:
             ours, theirs = list(layout.class_names), list(meta["class_names"])
             if ours != theirs:
-                if not cfg.get("override_class_names", False):
+                if not cfg.override_class_names:
                     raise ConfigError(
                         f"data.layout.class_names: the data set's classes {ours} differ from the model's {theirs}: "
                         "its labels would be scored as the model's classes",
@@ -136,11 +185,11 @@ def _datamodule(cfg: Any, meta: Mapping[str, Any], single: bool, split: str) -> 
     """The data module serving ``split`` of ``cfg.data`` with the checkpoint's modalities, preprocessing and crop."""
     from hydra.utils import instantiate
 
-    if cfg.get("use_checkpoint_data", True):
+    if cfg.use_checkpoint_data:
         _apply_checkpoint_data(cfg, meta, single=single)
     with open_dict(cfg):
         cfg.data.predict_part = split
-        cfg.data.eval_batch_size = int(cfg.get("batch_size", 16))
+        cfg.data.eval_batch_size = int(cfg.batch_size)
         cfg.data.train_transform = None
     dm = instantiate(cfg.data)
     dm.setup("predict")
@@ -159,7 +208,8 @@ def fit_calibration(cfg: Any, models: list[LoadedClassifier], paths: list[Path])
 
     from liverfusion.evaluation.calibration import fit_temperature, pooled_validation, write_calibration
 
-    if not cfg.get("use_checkpoint_data", True):
+    s = _settings(cfg)
+    if not s["use_checkpoint_data"]:
         raise ConfigError(
             "calibrate=true needs use_checkpoint_data=true (each member's own validation split)"
         )
@@ -181,14 +231,14 @@ def fit_calibration(cfg: Any, models: list[LoadedClassifier], paths: list[Path])
                 [m],
                 dm.predict_dataloader(),
                 robustness=False,
-                device=cfg.get("device", "auto"),
-                tta=str(cfg.get("tta", "none")),
-                tta_axes=list(cfg.get("tta_axes", ["H", "W"])),
+                device=s["device"],
+                tta=s["tta"],
+                tta_axes=s["tta_axes"],
             )
         )
     validation = pooled_validation(sets)
     temperature = fit_temperature(validation.logits(), validation.labels)
-    where = write_calibration(cfg.ckpt_path, paths, temperature, validation, tta=str(cfg.get("tta", "none")))
+    where = write_calibration(s["ckpt_path"], paths, temperature, validation, tta=s["tta"])
     log.info(
         "temperature %.4f fitted on %d validation cases: %s", temperature, len(validation.case_ids), where
     )
@@ -203,25 +253,22 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     apply_extras(cfg)
-    if cfg.get("ckpt_path") in (None, "", "???"):
-        raise ConfigError("ckpt_path=... is required: a classifier .ckpt, a run folder or a multirun folder")
-    if str(cfg.get("calibration", "auto")) not in ("auto", "none"):
-        raise ConfigError(f"calibration={cfg.get('calibration')!r}: choose auto or none")
-    device = resolve_device(cfg.get("device", "auto"))
-    paths = find_checkpoints(cfg.ckpt_path)
+    s = _settings(cfg)
+    device = resolve_device(s["device"])
+    paths = find_checkpoints(s["ckpt_path"])
     models = [load_classifier(p) for p in paths]
     meta = check_ensemble(models)
     log.info("evaluating %d model(s) on %s: %s", len(models), device, [str(p) for p in paths])
-    split = str(cfg.get("split", "test"))
-    if cfg.get("calibrate", False):
+    split = str(s["split"])
+    if s["calibrate"]:
         fit_calibration(cfg, models, paths)
         if split == "val":
             log.warning(
                 "split=val is what the temperature was fitted on: its calibrated scores are optimistic"
             )
     stored = None
-    if str(cfg.get("calibration", "auto")) == "auto":
-        stored = stored_calibration(cfg.ckpt_path, paths)
+    if s["calibration"] == "auto":
+        stored = stored_calibration(s["ckpt_path"], paths)
     dm = _datamodule(cfg, meta, single=len(models) == 1, split=split)
     save_resolved_config(cfg, out_dir)
     if len(models) > 1 and split != "all" and getattr(dm.splits, "nested", False):
@@ -232,34 +279,34 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     raw = predict(
         models,
         dm.predict_dataloader(),
-        robustness=bool(cfg.get("robustness", True)),
+        robustness=s["robustness"],
         device=device,
-        tta=str(cfg.get("tta", "none")),
-        tta_axes=list(cfg.get("tta_axes", ["H", "W"])),
+        tta=s["tta"],
+        tta_axes=s["tta_axes"],
     )
     temperature = float(stored["temperature"]) if stored else None
     preds = raw.with_temperature(temperature) if temperature else raw
-    compare = read_predictions_csv(cfg.compare_to) if cfg.get("compare_to") else None
+    compare = read_predictions_csv(s["compare_to"]) if s["compare_to"] else None
     extra: dict[str, Any] = {
         "checkpoints": [str(p) for p in paths],
         "split": split,
         "dataset": dm.layout.name,
         "device": str(device),
-        "tta": str(cfg.get("tta", "none")),
+        "tta": s["tta"],
         "temperature": temperature,
         "calibration_file": stored["path"] if stored else None,
     }
     summary = write_evaluation(
         preds,
         out_dir,
-        n_boot=int(cfg.get("n_boot", 1000)),
-        alpha=float(cfg.get("alpha", 0.05)),
-        seed=int(cfg.get("seed", 0)),
-        threshold=float(cfg.get("threshold", 0.5)),
-        aggregate=cfg.get("aggregate"),
-        save_features=bool(cfg.get("save_features", False)),
+        n_boot=s["n_boot"],
+        alpha=s["alpha"],
+        seed=s["seed"],
+        threshold=s["threshold"],
+        aggregate=s["aggregate"],
+        save_features=s["save_features"],
         compare_to=compare,
-        compare_metric=str(cfg.get("compare_metric", "lld_score")),
+        compare_metric=str(s["compare_metric"]),
         extra=extra,
     )
     if raw.has_labels:

@@ -51,13 +51,16 @@ from liverfusion.evaluation.loading import load_ensemble
 from liverfusion.evaluation.predictions import PredictionSet
 from liverfusion.utils.atomic import atomic_write_text
 from liverfusion.utils.cli import cli_errors, hydra_cli
+from liverfusion.utils.evaluation_settings import INFERENCE_KEYS, inference
 from liverfusion.utils.hydra_utils import CONFIG_DIR
 from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FORMAT = "liverfusion-predictions/1"
-KEYS = (
+# the primary config's own keys (conf/predict.yaml); device, tta, tta_axes and calibration come from the inference
+# group (conf/inference, liverfusion.utils.evaluation_settings.INFERENCE_KEYS)
+OWN_KEYS = (
     "task_name",
     "ckpt_path",
     "input",
@@ -67,13 +70,9 @@ KEYS = (
     "ignore",
     "duplicate_source",
     "detect_duplicates",
-    "tta",
-    "tta_axes",
-    "device",
     "batch_size",
     "num_workers",
     "prep_workers",
-    "calibration",
     "review_threshold",
     "cache_dir",
     "progress",
@@ -86,6 +85,7 @@ KEYS = (
     "key_file",
     "prepare_overrides",
 )
+KEYS = (*OWN_KEYS, *INFERENCE_KEYS)
 INPUT_KINDS = ("auto", "cases", "dicom")
 
 
@@ -125,6 +125,11 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ConfigError(f"predict: unknown key(s) {unknown}", fix=f"known keys: {', '.join(KEYS)}")
+    missing = [k for k in KEYS if k not in values]
+    if missing:
+        raise ConfigError(
+            f"predict: missing key(s) {missing}; compose conf/predict.yaml (its defaults live there)"
+        )
     for key in ("input", "out"):
         if values.get(key) in (None, "", "???"):
             raise ConfigError(f"{key} is required", fix=f"pass {key}=<folder>")
@@ -142,8 +147,7 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "prepare_overrides must be a list of prepare settings",
             fix="e.g. prepare_overrides=[geometry.resample=none]",
         )
-    if values["calibration"] not in ("auto", "none"):
-        raise ConfigError(f"calibration={values['calibration']!r}: choose auto or none")
+    values.update(inference({k: values[k] for k in INFERENCE_KEYS}, where="predict"))
     if not isinstance(values.get("aliases") or {}, Mapping):
         raise ConfigError("aliases must be a mapping {file name: modality}", fix="e.g. aliases={t2: T2WI}")
     return values

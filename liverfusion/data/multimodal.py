@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,57 +28,10 @@ from liverfusion.data.splits import (
     splits_from_case_lists,
 )
 from liverfusion.errors import ConfigError
-from liverfusion.utils.config_sections import check_section, merge_sections, model_config
+from liverfusion.utils.config_sections import check_section, check_value, merge_sections, model_config
 from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
-
-_NUMBER_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
-
-
-def check_value(
-    key: str,
-    value: Any,
-    kind: str = "int",
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    optional: bool = False,
-) -> Any:
-    """One config value checked against its type and range, returned as that type; else a ConfigError naming
-    the key, the value and what is allowed (so a bad value fails when the module is built, not deep in torch).
-
-    ``kind``: ``int``, ``float`` or ``bool``; ``low``/``high``: bounds, closed unless ``low_open``/``high_open``;
-    ``optional``: None passes through.
-    """
-    if value is None and optional:
-        return None
-    allowed = _NUMBER_KINDS[kind]
-    if kind != "bool" and (low is not None or high is not None):
-        lo = "-inf" if low is None else (str(low) if isinstance(low, int) else f"{low:g}")
-        hi = "inf" if high is None else (str(high) if isinstance(high, int) else f"{high:g}")
-        allowed += f" in {'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-    if optional:
-        allowed += " or null"
-    if kind == "bool":
-        ok = isinstance(value, bool)
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
-        ok = False
-    elif kind == "int":
-        ok = isinstance(value, numbers.Integral) or (float(value).is_integer())
-    else:
-        ok = math.isfinite(float(value))
-    if ok and kind != "bool":
-        value = int(value) if kind == "int" else float(value)
-        ok = not (
-            (low is not None and (value < low or (low_open and value == low)))
-            or (high is not None and (value > high or (high_open and value == high)))
-        )
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: must be {allowed}")
-    return value
-
 
 SPLIT_KEYS = (
     "n_folds",

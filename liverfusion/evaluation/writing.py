@@ -156,17 +156,25 @@ def write_json(path: Path, payload: Any) -> Path:
 def write_evaluation(
     preds: PredictionSet,
     out_dir: str | Path,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-    threshold: float = 0.5,
+    n_boot: int | None = None,
+    alpha: float | None = None,
+    seed: int | None = None,
+    threshold: float | None = None,
     aggregate: str | None = None,
     save_features: bool = True,
     compare_to: PredictionSet | None = None,
     compare_metric: str = "lld_score",
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write predictions, submission, metrics with CIs, robustness and (optionally) per-patient results."""
+    """Write predictions, submission, metrics with CIs, robustness and (optionally) per-patient results.
+
+    A scoring setting left None is the evaluation group's (``conf/evaluation/default.yaml``)."""
+    from liverfusion.utils.evaluation_settings import scoring
+
+    s = scoring(n_boot=n_boot, alpha=alpha, seed=seed, threshold=threshold, aggregate=aggregate)
+    n_boot, alpha, seed, threshold, aggregate = (
+        s[k] for k in ("n_boot", "alpha", "seed", "threshold", "aggregate")
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "predictions.csv", predictions_csv(preds))

@@ -43,6 +43,7 @@ from liverfusion.modules.feature_cache import FeatureCacheMixin
 from liverfusion.modules.held_out import HeldOutEvaluation
 from liverfusion.modules.schedule import build_optimizer, build_scheduler, split_decay
 from liverfusion.utils.config_sections import check_section, model_config
+from liverfusion.utils.evaluation_settings import SCORING_KEYS, scoring
 from liverfusion.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "modality_dropout": (("p", "min_keep"), ()),
     "feature_cache": (("enabled",), ()),
     "evaluation": (
-        ("n_boot", "alpha", "seed", "threshold", "robustness", "aggregate", "save_features", "write"),
+        (*SCORING_KEYS, "save_features", "write"),
         (),
     ),
 }
@@ -200,7 +201,8 @@ class FusionClassifier(FeatureCacheMixin, HeldOutEvaluation, L.LightningModule):
         self.loss_cfg = cfg["loss"]
         self.dropout_cfg = cfg["modality_dropout"]
         self.cache_cfg = cfg["feature_cache"]
-        self.eval_cfg = cfg["evaluation"]
+        scores = {k: cfg["evaluation"][k] for k in SCORING_KEYS}  # the evaluation group's keys, checked there
+        self.eval_cfg = {**cfg["evaluation"], **scoring(scores, where="model.evaluation")}
 
         self.net: FusionClassifierNet = build_fusion_classifier(
             _encoder_factory(encoder), _fusion_factory(fusion), self.modalities, len(self.class_names)

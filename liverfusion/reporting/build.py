@@ -40,8 +40,8 @@ def make_report(
     out_dir: str | Path,
     names: Sequence[str] | None = None,
     metric: str | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
+    n_boot: int | None = None,
+    seed: int | None = None,
     embedding: str = "tsne",
     plots: bool = True,
     card_template: str | Path | None = None,
@@ -50,7 +50,12 @@ def make_report(
     """Aggregate the runs under ``dirs`` into ``out_dir``; return the summary rows and comparisons.
 
     ``metric`` (of the paired comparisons): None picks ``lld_score`` for LLD-MMRI-style data, else ``macro_f1``
-    (``lld_score`` asked of other data falls back to ``macro_f1`` too: it is the LLD-MMRI challenge's score)."""
+    (``lld_score`` asked of other data falls back to ``macro_f1`` too: it is the LLD-MMRI challenge's score).
+    ``n_boot`` / ``seed`` left None are the evaluation group's (``conf/evaluation/default.yaml``)."""
+    from liverfusion.utils.evaluation_settings import scoring
+
+    s = scoring(n_boot=n_boot, seed=seed)
+    n_boot, seed = s["n_boot"], s["seed"]
     out = Path(out_dir)
     if names is not None and len(names) != len(dirs):
         raise DataError(f"{len(names)} names for {len(dirs)} folders")

@@ -16,6 +16,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from liverfusion.utils.search_path import config_dirs, group_options
 
@@ -220,15 +221,31 @@ HYDRA_FLAGS = (
 _KEY_LINE = re.compile(r"^(?P<key>[A-Za-z_]\w*):\s*(?P<value>[^#]*?)\s*(?:#\s*(?P<comment>.*))?$")
 
 
+_GLOBAL_GROUP = re.compile(r"^\s+-\s+(?P<group>[\w/]+)@_global_:\s*(?P<option>[\w.-]+)")
+
+
+def _find(relative: str) -> Path | None:
+    return next((d / relative for d in config_dirs() if (d / relative).is_file()), None)
+
+
 def primary_keys(config: str) -> list[tuple[str, str, str]]:
     """``(key, default, comment)`` of the top-level keys of a primary config, read from its YAML text (comments
-    beside a key or on the lines above it); ``defaults`` and ``hydra`` are left out."""
-    path = next((d / f"{config}.yaml" for d in config_dirs() if (d / f"{config}.yaml").is_file()), None)
-    if path is None:
-        return []
+    beside a key or on the lines above it), followed by those of the settings groups its defaults list places at
+    the top level (``- inference@_global_: default``); ``defaults`` and ``hydra`` are left out."""
+    path = _find(f"{config}.yaml")
+    return _keys_of(path) if path else []
+
+
+def _keys_of(path: Path) -> list[tuple[str, str, str]]:
     keys: list[tuple[str, str, str]] = []
+    groups: list[Path] = []
     above: list[str] = []
     for line in path.read_text().splitlines():
+        g = _GLOBAL_GROUP.match(line)
+        if g:
+            found = _find(f"{g['group']}/{g['option']}.yaml")
+            groups += [found] if found else []
+            continue
         if line.startswith("#"):
             above.append(line.lstrip("# ").strip())
             continue
@@ -241,6 +258,8 @@ def primary_keys(config: str) -> list[tuple[str, str, str]]:
         if key not in ("defaults", "hydra"):
             keys.append((key, value or "{...}", comment or (above[-1] if above else "")))
         above = []
+    for group in groups:
+        keys += [k for k in _keys_of(group) if k[0] not in {key for key, _, _ in keys}]
     return keys
 
 
@@ -333,8 +352,21 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="output folder (default: <first DIR>/report)")
         p.add_argument("--names", nargs="*", default=None, help="a label per DIR")
         p.add_argument("--metric", default="lld_score", help="metric of the paired comparisons")
-        p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (whole patients)")
-        p.add_argument("--seed", type=int, default=0)
+        from liverfusion.utils.evaluation_settings import defaults
+
+        scores = defaults("evaluation")  # conf/evaluation/default.yaml, as evaluate and the test step read it
+        p.add_argument(
+            "--n-boot",
+            type=int,
+            default=None,
+            help=f"bootstrap resamples, whole patients (default {scores['n_boot']}: conf/evaluation/default.yaml)",
+        )
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=None,
+            help=f"bootstrap seed (default {scores['seed']}: conf/evaluation/default.yaml)",
+        )
         p.add_argument("--embedding", choices=["tsne", "pca", "none"], default="tsne")
         p.add_argument("--no-plots", action="store_true")
         p.add_argument("--card-template", default=None, help="model card template (default: the shipped one)")
