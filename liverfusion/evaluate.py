@@ -121,19 +121,12 @@ def _settings(cfg: Any) -> dict[str, Any]:
     """The run's settings as plain values: every key stated by ``conf/evaluate.yaml`` and its groups (no default
     here), unknown keys refused, each value checked."""
     from liverfusion.utils import evaluation_settings as settings
-    from liverfusion.utils.config_sections import check_value
+    from liverfusion.utils.config_sections import check_primary, check_value
     from liverfusion.utils.plain import to_plain
 
     known = (*OWN_KEYS, *settings.SCORING_KEYS, *settings.INFERENCE_KEYS)
     given = {k: v for k, v in cfg.items() if k not in SECTIONS}
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise ConfigError(f"evaluate: unknown key(s) {unknown}", fix=f"known keys: {', '.join(known)}")
-    missing = [k for k in known if k not in given]
-    if missing:
-        raise ConfigError(
-            f"evaluate: missing key(s) {missing}; compose conf/evaluate.yaml (its defaults live there)"
-        )
+    check_primary("evaluate", given, known)
     values = to_plain({k: given[k] for k in OWN_KEYS})
     if values["ckpt_path"] in (None, "", "???"):
         raise ConfigError("ckpt_path=... is required: a classifier .ckpt, a run folder or a multirun folder")

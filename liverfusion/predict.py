@@ -41,7 +41,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from liverfusion.data.cache import PreprocessedCache
-from liverfusion.data.datamodule import check_value
 from liverfusion.data.datasets import CaseDataset
 from liverfusion.data.preprocess import PreprocessConfig
 from liverfusion.errors import ConfigError, DataError
@@ -51,6 +50,7 @@ from liverfusion.evaluation.loading import load_ensemble
 from liverfusion.evaluation.predictions import PredictionSet
 from liverfusion.utils.atomic import atomic_write_text
 from liverfusion.utils.cli import cli_errors, hydra_cli
+from liverfusion.utils.config_sections import check_primary, check_value
 from liverfusion.utils.evaluation_settings import INFERENCE_KEYS, inference
 from liverfusion.utils.hydra_utils import CONFIG_DIR
 from liverfusion.utils.plain import to_plain
@@ -122,14 +122,7 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The config as plain values, unknown keys refused, each value checked."""
     values = to_plain(cfg)
     values.pop("hydra", None)
-    unknown = sorted(set(values) - set(KEYS))
-    if unknown:
-        raise ConfigError(f"predict: unknown key(s) {unknown}", fix=f"known keys: {', '.join(KEYS)}")
-    missing = [k for k in KEYS if k not in values]
-    if missing:
-        raise ConfigError(
-            f"predict: missing key(s) {missing}; compose conf/predict.yaml (its defaults live there)"
-        )
+    check_primary("predict", values, KEYS)
     for key in ("input", "out"):
         if values.get(key) in (None, "", "???"):
             raise ConfigError(f"{key} is required", fix=f"pass {key}=<folder>")

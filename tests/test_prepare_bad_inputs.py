@@ -299,3 +299,27 @@ def test_command_line_names_the_truncated_file_without_a_traceback(tmp_path: Pat
     assert "Traceback" not in run.stderr
     assert str(bad) in run.stdout + run.stderr and "truncated" in run.stdout + run.stderr
     assert tree_digest(root) == before
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda c: c["roi"].update(marign=[1, 1, 1]), r"roi: unknown key\(s\) \['marign'\]"),
+        (
+            lambda c: c["geometry"]["registration"].pop("iterations"),
+            r"geometry.registration: missing key\(s\) \['iterations'\]",
+        ),
+        (lambda c: c.update(thread=2), r"prepare: unknown key\(s\) \['thread'\]"),
+        (lambda c: c.update(nifti="folders"), r"nifti must be a mapping"),
+    ],
+)
+def test_a_misspelt_or_missing_setting_is_refused_by_name(change, match, export: Path, tmp_path: Path):
+    """A preset or own config that adds a misspelt key or drops one (Hydra's struct mode only guards the command
+    line) is refused before anything is read: prepare holds no second copy of conf/prepare.yaml's defaults."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(prepare_cfg(export, tmp_path / "out"), resolve=True)
+    change(cfg)
+    with pytest.raises(ConfigError, match=match):
+        run_prepare(cfg)
+    assert not (tmp_path / "out").exists()

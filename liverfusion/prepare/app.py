@@ -29,7 +29,7 @@ from liverfusion.errors import ConfigError, DataError
 from liverfusion.prepare.build_general import build_general
 from liverfusion.prepare.build_lldmmri import build_lldmmri
 from liverfusion.prepare.building import BuiltCase, Context, load_mask, load_modality
-from liverfusion.prepare.dicom import DEFAULT_PHI_TAGS, scan_dicom_tree
+from liverfusion.prepare.dicom import scan_dicom_tree
 from liverfusion.prepare.labels import attach_centres, attach_labels
 from liverfusion.prepare.lldmmri_raw import scan_lldmmri
 from liverfusion.prepare.nifti_folders import scan_nifti_folders
@@ -111,13 +111,13 @@ class _Plan:
 def scan(cfg: dict[str, Any], root: Path) -> Inventory:
     """The input's patients, studies and series of ``kind`` (headers only, no pixels)."""
     kind = cfg["kind"]
-    min_len = int(setting(cfg, "privacy.min_value_length", 3))
+    min_len = int(setting(cfg, "privacy.min_value_length"))
     if kind == "dicom":
-        tags = list(setting(cfg, "privacy.phi_tags", DEFAULT_PHI_TAGS))
-        return scan_dicom_tree(root, setting(cfg, "dicom", {}), tags, min_len)
+        tags = list(setting(cfg, "privacy.phi_tags"))
+        return scan_dicom_tree(root, setting(cfg, "dicom"), tags, min_len)
     if kind == "nifti":
-        return scan_nifti_folders(root, setting(cfg, "nifti", {}), min_len)
-    return scan_lldmmri(root, setting(cfg, "lldmmri", {}))
+        return scan_nifti_folders(root, setting(cfg, "nifti"), min_len)
+    return scan_lldmmri(root, setting(cfg, "lldmmri"))
 
 
 def run_prepare(cfg: DictConfig | Mapping[str, Any]) -> PrepareResult:
@@ -127,7 +127,7 @@ def run_prepare(cfg: DictConfig | Mapping[str, Any]) -> PrepareResult:
     inp, out, key_path = validate(c)
     if c.get("threads"):
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(c["threads"]))
-    rules = RuleSet.from_config(setting(c, "rules", {}), name=str(setting(c, "rules.name", "custom")))
+    rules = RuleSet.from_config(setting(c, "rules"), name="custom")
     if not rules.modality_rules:
         raise ConfigError("the rule set has no modality rules: pick one with rules=NAME or write your own")
     inv = _read_input(c, inp)
@@ -144,8 +144,8 @@ def run_prepare(cfg: DictConfig | Mapping[str, Any]) -> PrepareResult:
     processed = _process_patients(ctx, tree, plan.planned, result)
     records = _finished_records(tree, plan.all_pids, processed)
     result.cases = records
-    extra_cols = list(setting(c, "labels.keep_columns", []) or [])
-    labels_path = out / str(setting(c, "output.labels_csv", "labels.csv"))
+    extra_cols = list(setting(c, "labels.keep_columns") or [])
+    labels_path = out / str(setting(c, "output.labels_csv"))
     write_labels_csv(labels_path, [{**r.get("extra", {}), **r} for r in records], extra_cols)
     ids.save()
     stale = [p.stem for p in tree.markers.glob("*.json") if p.stem not in set(plan.all_pids)]
@@ -188,18 +188,18 @@ def _read_input(c: dict[str, Any], inp: Path) -> Inventory:
             path=inp,
             fix="check input=, kind= and the layout in docs/prepare.md",
         )
-    attach_labels(inv, setting(c, "labels", {}))
+    attach_labels(inv, setting(c, "labels"))
     if setting(c, "roi.mode") == "centre":
-        attach_centres(inv, setting(c, "roi", {}))
+        attach_centres(inv, setting(c, "roi"))
     return inv
 
 
 def _pseudonymizer(c: dict[str, Any], key_path: Path) -> Pseudonymizer:
     return Pseudonymizer(
-        mode=str(setting(c, "privacy.ids", "hash")),
+        mode=str(setting(c, "privacy.ids")),
         key_file=key_path,
-        prefix=str(setting(c, "privacy.prefix", "")),
-        length=int(setting(c, "privacy.hash_length", 10)),
+        prefix=str(setting(c, "privacy.prefix") or ""),
+        length=int(setting(c, "privacy.hash_length")),
         salt=setting(c, "privacy.salt"),
         mapping_csv=setting(c, "privacy.mapping_csv"),
     )
@@ -211,7 +211,7 @@ def _plan_patients(c: dict[str, Any], inv: Inventory, ids: Pseudonymizer) -> _Pl
     for p in inv.patients:
         identifying |= p.identifying | {p.key}
         identifying |= {s.key for s in p.studies} | {s.label_key for s in p.studies}
-    min_len = int(setting(c, "privacy.min_value_length", 3))
+    min_len = int(setting(c, "privacy.min_value_length"))
     identifying = {v for v in identifying if len(v) >= min_len}
     planned: list[tuple[str, PatientSource]] = []
     id_failures: list[dict[str, Any]] = []
@@ -278,7 +278,7 @@ def _series_problems(planned: list[tuple[str, PatientSource]]) -> int:
 def _open_output(c: dict[str, Any], out: Path, result: PrepareResult) -> OutputTree:
     """The output tree, refused when it holds cases of other settings (unless ``overwrite``); half-written
     case folders of an interrupted run are removed."""
-    tree = OutputTree(out, qa_dir=str(setting(c, "output.qa_dir", "qa")))
+    tree = OutputTree(out, qa_dir=str(setting(c, "output.qa_dir")))
     fingerprint = json.loads(json.dumps(settings_fingerprint(c), default=str))
     previous = tree.read_settings() if tree.state.is_dir() else None
     if previous is not None and previous != fingerprint and not c.get("overwrite"):
@@ -309,7 +309,7 @@ def _process_patients(
     """Every planned patient not finished by an earlier run (all with ``overwrite``); returns those processed."""
     c = ctx.cfg
     processed: set[str] = set()
-    bar = tqdm(planned, desc="prepare", unit="patient", disable=not c.get("progress", True))
+    bar = tqdm(planned, desc="prepare", unit="patient", disable=not c["progress"])
     for pid, patient in bar:
         bar.set_postfix_str(pid)
         if not c.get("overwrite") and tree.finished(pid) is not None:
@@ -393,7 +393,7 @@ def _write_log(
     scrub = plan.scrub
     result.log_path = out / "prepare_log.json"
     atomic_write_text(result.log_path, json.dumps(scrub.deep(log_record), indent=1, default=str))
-    if not setting(c, "privacy.audit", True):
+    if not setting(c, "privacy.audit"):
         return
     audit = audit_outputs(out, plan.identifying)
     audit["hits"] = [scrub(h) for h in audit["hits"]]

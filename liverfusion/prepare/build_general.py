@@ -66,21 +66,21 @@ def build_general(
     if match.missing_required:
         seen = [e["text"] for e in match.entries]
         raise DataError(f"required modality {match.missing_required} missing (series seen: {seen})")
-    roi_mode = setting(ctx.cfg, "roi.mode", "none")
+    roi_mode = setting(ctx.cfg, "roi.mode")
     images, records = _load_images(ctx, study, match, warnings)
     mask = _load_roi_mask(study, match, roi_mode, warnings)
     vol = _on_common_grid(ctx, images, records, mask, warnings)
-    r = setting(ctx.cfg, "roi", {})
+    r = setting(ctx.cfg, "roi")
     ref_img = vol.grid if vol.grid is not None else vol.images[vol.ref]
     boxes, ref_for_boxes = _roi_boxes(r, roi_mode, study, vol.mask, ref_img)
-    save_mask = bool(r.get("save_mask", True)) and vol.mask is not None
+    save_mask = bool(r["save_mask"]) and vol.mask is not None
     shown_mask = _selected(vol.mask, r.get("mask_labels")) if vol.mask is not None else None
     if not boxes:
         return [_whole_case(study, vol, save_mask, shown_mask, warnings)], []
     out: list[BuiltCase] = []
     failures: list[dict[str, Any]] = []
     must_have = set(ctx.rules.required) | {vol.ref}
-    pad = float(r.get("pad_value", 0))
+    pad = float(r["pad_value"])
     for k, (box, box_rec, label_override) in enumerate(boxes):
         case = _cropped_case(vol, box, ref_for_boxes, pad, must_have, save_mask, shown_mask, list(warnings))
         if isinstance(case, str):
@@ -102,7 +102,7 @@ def _load_images(
     ctx: Context, study: StudySource, match: StudyMatch, warnings: list[str]
 ) -> tuple[dict[str, sitk.Image], dict[str, dict[str, Any]]]:
     """The matched series' pixels and records; an optional modality that cannot be read is left out (warned)."""
-    g = setting(ctx.cfg, "geometry", {})
+    g = setting(ctx.cfg, "geometry")
     required = set(ctx.rules.required)
     images: dict[str, sitk.Image] = {}
     records: dict[str, dict[str, Any]] = {}
@@ -172,7 +172,7 @@ def _on_common_grid(
 ) -> _Volumes:
     """Reorient every volume, register the modalities of ``geometry.register`` to the reference, resample onto
     the reference grid (``geometry.resample``) and cast to ``output.dtype``."""
-    g = setting(ctx.cfg, "geometry", {})
+    g = setting(ctx.cfg, "geometry")
     orientation = g.get("orientation")
     for mod in images:
         images[mod], step = geo.reorient(images[mod], orientation)
@@ -183,15 +183,15 @@ def _on_common_grid(
     ref = reference_name(ctx, list(images))
     if ref not in images:
         raise DataError(f"reference modality {ref!r} is missing (have {sorted(images)})")
-    resample = g.get("resample", "reference")
+    resample = g["resample"]
     grid = None
     if resample == "reference":
         grid = images[ref]
     elif resample == "spacing":
         grid = geo.spacing_grid(images[ref], g["spacing"])
-    interp = str(g.get("interpolation", "linear"))
-    dtype = str(setting(ctx.cfg, "output.dtype", "keep"))
-    min_cov = float(g.get("min_coverage", 0.5))
+    interp = str(g["interpolation"])
+    dtype = str(setting(ctx.cfg, "output.dtype"))
+    min_cov = float(g["min_coverage"])
     transforms = _register(ctx, images, records, ref, warnings)
     if grid is not None:
         target = f"{ref} grid" if resample == "reference" else f"{g['spacing']} mm grid over {ref}"
@@ -225,7 +225,7 @@ def _register(
 ) -> dict[str, sitk.Transform]:
     """Rigid transforms of the modalities of ``geometry.register`` onto ``ref``; a failed or implausible one
     (above ``geometry.registration.max_*``) is warned and not used."""
-    reg_cfg = dict(setting(ctx.cfg, "geometry", {}).get("registration") or {})
+    reg_cfg = dict(setting(ctx.cfg, "geometry.registration"))
     transforms: dict[str, sitk.Transform] = {}
     for mod in _registration_targets(ctx, list(images), ref):
         try:
@@ -237,9 +237,7 @@ def _register(
             continue
         shift = max(abs(t) for t in info["translation_mm_xyz"])
         turn = max(abs(a) for a in info["rotation_deg_xyz"])
-        if shift > float(reg_cfg.get("max_translation_mm", 20)) or turn > float(
-            reg_cfg.get("max_rotation_deg", 10)
-        ):
+        if shift > float(reg_cfg["max_translation_mm"]) or turn > float(reg_cfg["max_rotation_deg"]):
             info["accepted"] = False
             warnings.append(
                 f"{mod}: registration result rejected (translation {shift:.1f} mm, rotation {turn:.1f} deg above "
@@ -257,7 +255,7 @@ def _register(
 
 
 def _registration_targets(ctx: Context, names: list[str], ref: str) -> list[str]:
-    wanted = setting(ctx.cfg, "geometry.register", []) or []
+    wanted = setting(ctx.cfg, "geometry.register") or []
     if wanted == "all" or wanted == ["all"]:
         return [n for n in names if n != ref]
     return [n for n in names if n in set(wanted) and n != ref]
@@ -273,9 +271,7 @@ def _roi_boxes(
     boxes: list[Box] = []
     if roi_mode == "mask":
         labels = r.get("mask_labels")
-        found = mask_boxes(
-            mask, labels, bool(r.get("components", False)), int(r.get("min_component_voxels", 1))
-        )
+        found = mask_boxes(mask, labels, bool(r["components"]), int(r["min_component_voxels"]))
         if not found:
             raise DataError(f"mask is empty (roi.mask_labels={labels})")
         n = len(found)

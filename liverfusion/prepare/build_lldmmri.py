@@ -29,9 +29,9 @@ def build_lldmmri(
     ctx: Context, study: StudySource, match: StudyMatch, warnings: list[str]
 ) -> tuple[list[BuiltCase], list[dict[str, Any]]]:
     """One case per lesion; each phase cropped on its own box (official margins), real geometry kept."""
-    lcfg = setting(ctx.cfg, "lldmmri", {})
-    margin = [int(v) for v in lcfg.get("margin", [2, 16, 16])]
-    images, phase_warn = _load_phases(study, match, float(lcfg.get("spacing_tolerance", 0.02)))
+    lcfg = setting(ctx.cfg, "lldmmri")
+    margin = [int(v) for v in lcfg["margin"]]
+    images, phase_warn = _load_phases(study, match, float(lcfg["spacing_tolerance"]))
     keys = sorted(
         {k for i in match.chosen.values() for k in study.series[i].boxes}, key=lambda k: (len(k), k)
     )
@@ -108,9 +108,9 @@ def _crop_phases(
 ) -> tuple[dict[str, sitk.Image], dict[str, Any], list[Panel], list[Any]]:
     """Every phase with a usable box for lesion ``key``, cropped and reoriented: (volumes, records, QA panels,
     the categories the boxes name); phases without one are left out with a warning in ``case_warn``."""
-    lcfg = setting(ctx.cfg, "lldmmri", {})
-    pad_slices = bool(lcfg.get("pad_slices", False))
-    orientation = setting(ctx.cfg, "geometry", {}).get("orientation")
+    lcfg = setting(ctx.cfg, "lldmmri")
+    pad_slices = bool(lcfg["pad_slices"])
+    orientation = setting(ctx.cfg, "geometry.orientation")
     vols: dict[str, sitk.Image] = {}
     panels: list[Panel] = []
     mod_recs: dict[str, Any] = {}
@@ -125,7 +125,7 @@ def _crop_phases(
             continue
         try:
             crop_box, w = official_crop_box(box, img.GetSize(), margin, pad_slices)
-            crop = crop_with_pad(img, crop_box, float(lcfg.get("pad_value", 0)))
+            crop = crop_with_pad(img, crop_box, float(lcfg["pad_value"]))
         except DataError as exc:
             case_warn.append(f"{mod}: {exc.reason}: phase left out")
             continue
@@ -151,15 +151,13 @@ def _on_reference_crop(
 ) -> dict[str, sitk.Image]:
     """With ``geometry.resample`` other than none, every phase onto the reference phase's crop grid; then the
     output data type, and each phase's output geometry recorded."""
-    g = setting(ctx.cfg, "geometry", {})
-    dtype = str(setting(ctx.cfg, "output.dtype", "keep"))
-    if g.get("resample", "none") != "none" and ref in vols:
+    g = setting(ctx.cfg, "geometry")
+    dtype = str(setting(ctx.cfg, "output.dtype"))
+    if g["resample"] != "none" and ref in vols:
         grid = vols[ref] if g["resample"] == "reference" else geo.spacing_grid(vols[ref], g["spacing"])
         for mod in list(vols):
             if not geo.same_grid(vols[mod], grid):
-                vols[mod] = geo.resample_onto(
-                    vols[mod], grid, str(g.get("interpolation", "linear")), dtype=dtype
-                )
+                vols[mod] = geo.resample_onto(vols[mod], grid, str(g["interpolation"]), dtype=dtype)
                 mod_recs[mod]["steps"].append(f"resampled onto the {ref} crop grid")
     vols = {m: cast_output(v, dtype) for m, v in vols.items()}
     for m in vols:

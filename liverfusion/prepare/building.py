@@ -66,7 +66,7 @@ def load_mask(s: SeriesSource) -> sitk.Image:
 def reference_name(ctx: Context, available: list[str]) -> str:
     """The modality whose grid the others are put on (``geometry.reference``, else the rule set's); kept on
     ``ctx`` for the QA figure."""
-    g = setting(ctx.cfg, "geometry", {})
+    g = setting(ctx.cfg, "geometry")
     ref = g.get("reference") or ctx.rules.reference or (ctx.rules.required[0] if ctx.rules.required else None)
     if ref is None:
         ref = available[0]

@@ -22,38 +22,6 @@ from liverfusion.data.io import check_voxels
 from liverfusion.errors import DataError
 from liverfusion.prepare.sources import Inventory, SeriesSource, StudySource, group_patients
 
-DEFAULT_PHI_TAGS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "OtherPatientIDs",
-    "OtherPatientNames",
-    "PatientBirthName",
-    "PatientMotherBirthName",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "MedicalRecordLocator",
-    "AccessionNumber",
-    "InstitutionName",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "ReferringPhysicianName",
-    "PerformingPhysicianName",
-    "PhysiciansOfRecord",
-    "RequestingPhysician",
-    "OperatorsName",
-    "StationName",
-    "DeviceSerialNumber",
-    "StudyID",
-    "StudyDate",
-    "SeriesDate",
-    "AcquisitionDate",
-    "ContentDate",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-)
-"""Tags whose values identify a person, a visit or a site (config ``privacy.phi_tags`` overrides)."""
-
 
 @dataclass
 class SliceCheck:
@@ -136,7 +104,7 @@ def check_slices(
     return SliceCheck(order, problems, warnings, step)
 
 
-def identifying_values(ds: pydicom.Dataset, tags: Iterable[str], min_length: int = 3) -> set[str]:
+def identifying_values(ds: pydicom.Dataset, tags: Iterable[str], min_length: int) -> set[str]:
     """String values of ``tags`` (person names also by component) long enough to search for without noise."""
     out: set[str] = set()
     for tag in tags:
@@ -202,7 +170,7 @@ def _walk(root: Path, skip_ext: set[str]) -> list[Path]:
     return files
 
 
-def folder_values(rel: Path, min_length: int = 3) -> set[str]:
+def folder_values(rel: Path, min_length: int) -> set[str]:
     """Folder names above the series folder (patient/study folders often carry names, ids, dates)."""
     parts = rel.parent.parts
     keep = parts if len(parts) <= 1 else parts[:-1]
@@ -210,15 +178,15 @@ def folder_values(rel: Path, min_length: int = 3) -> set[str]:
 
 
 def scan_dicom_tree(
-    root: Path, cfg: Mapping[str, Any], phi_tags: Sequence[str], min_phi_length: int = 3
+    root: Path, cfg: Mapping[str, Any], phi_tags: Sequence[str], min_phi_length: int
 ) -> Inventory:
     """List every series under ``root``; no pixel data is read here."""
-    skip_ext = {str(e).lower() for e in cfg.get("skip_extensions", [])}
-    text_fields = list(cfg.get("text_fields", ["SeriesDescription", "ProtocolName"]))
-    patient_key = str(cfg.get("patient_key", "PatientID"))
-    tolerance = float(cfg.get("slice_spacing_tolerance", 0.05))
-    dup_policy = str(cfg.get("duplicate_slices", "error"))
-    min_slices = int(cfg.get("min_slices", 2))
+    skip_ext = {str(e).lower() for e in cfg["skip_extensions"]}
+    text_fields = list(cfg["text_fields"])
+    patient_key = str(cfg["patient_key"])
+    tolerance = float(cfg["slice_spacing_tolerance"])
+    dup_policy = str(cfg["duplicate_slices"])
+    min_slices = int(cfg["min_slices"])
 
     files = _walk(root, skip_ext)
     series: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)

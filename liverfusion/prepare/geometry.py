@@ -153,7 +153,7 @@ def register_rigid(
     """
     f = sitk.Cast(fixed, sitk.sitkFloat32)
     m = sitk.Cast(moving, sitk.sitkFloat32)
-    init_mode = str(cfg.get("initializer", "none"))
+    init_mode = str(cfg["initializer"])
     if init_mode == "none":
         init = sitk.Euler3DTransform()
         centre = f.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in f.GetSize()])
@@ -170,19 +170,19 @@ def register_rigid(
             f"geometry.registration.initializer must be none, geometry or moments, not {init_mode!r}"
         )
     reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(cfg.get("histogram_bins", 50)))
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(cfg["histogram_bins"]))
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(float(cfg.get("sampling_fraction", 0.25)), int(cfg.get("seed", 0)))
+    reg.SetMetricSamplingPercentage(float(cfg["sampling_fraction"]), int(cfg["seed"]))
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=float(cfg.get("learning_rate", 1.0)),
-        minStep=float(cfg.get("min_step", 1e-4)),
-        numberOfIterations=int(cfg.get("iterations", 200)),
+        learningRate=float(cfg["learning_rate"]),
+        minStep=float(cfg["min_step"]),
+        numberOfIterations=int(cfg["iterations"]),
         gradientMagnitudeTolerance=1e-8,
     )
     reg.SetOptimizerScalesFromPhysicalShift()
-    shrink = [int(v) for v in cfg.get("shrink_factors", [4, 2, 1])]
-    smooth = [float(v) for v in cfg.get("smoothing_mm", [2.0, 1.0, 0.0])]
+    shrink = [int(v) for v in cfg["shrink_factors"]]
+    smooth = [float(v) for v in cfg["smoothing_mm"]]
     if len(shrink) != len(smooth):
         raise ConfigError("geometry.registration.shrink_factors and smoothing_mm need the same length")
     reg.SetShrinkFactorsPerLevel(shrink)

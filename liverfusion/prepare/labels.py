@@ -102,15 +102,15 @@ def attach_centres(inv: Inventory, cfg: Mapping[str, Any]) -> None:
     if not cfg.get("centres_csv"):
         raise ConfigError("roi.mode=centre needs roi.centres_csv (columns: key, x, y, z in mm)")
     table = read_table(path)
-    key_col = str(cfg.get("centres_key_column", "key"))
-    xyz = [str(c) for c in cfg.get("centres_columns", ["x", "y", "z"])]
+    key_col = str(cfg["centres_key_column"])
+    xyz = [str(c) for c in cfg["centres_columns"]]
     label_col = cfg.get("centres_label_column")
     for col in [key_col, *xyz] + ([label_col] if label_col else []):
         if col not in table.columns:
             raise DataError(
                 f"column {col!r} not in the centres CSV (columns: {list(table.columns)})", path=path
             )
-    flip = -1.0 if str(cfg.get("centres_frame", "LPS")).upper() == "RAS" else 1.0
+    flip = -1.0 if str(cfg["centres_frame"]).upper() == "RAS" else 1.0
     by_key: dict[str, list[dict[str, Any]]] = {}
     for i, row in table.iterrows():
         try:

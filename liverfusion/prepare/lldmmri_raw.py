@@ -74,8 +74,8 @@ def official_crop_box(
 
 def scan_lldmmri(root: Path, cfg: Mapping[str, Any]) -> Inventory:
     """One study per patient holding every annotated phase; each phase keeps its own boxes."""
-    ann_path = root / str(cfg.get("annotation", "labels/Annotation.json"))
-    images = root / str(cfg.get("images", "images"))
+    ann_path = root / str(cfg["annotation"])
+    images = root / str(cfg["images"])
     info = load_annotation(ann_path)
     patients = []
     n_files = 0

@@ -91,11 +91,11 @@ def strip_extension(name: str, extensions: list[str]) -> str | None:
     return None
 
 
-def scan_nifti_folders(root: Path, cfg: Mapping[str, Any], min_phi_length: int = 3) -> Inventory:
+def scan_nifti_folders(root: Path, cfg: Mapping[str, Any], min_phi_length: int) -> Inventory:
     """List cases and their volume files; nothing is decoded here."""
-    layout = str(cfg.get("layout", "folders"))
-    extensions = [str(e).lower() for e in cfg.get("extensions", [".nii.gz", ".nii"])]
-    label_level = str(cfg.get("label_key", "study"))
+    layout = str(cfg["layout"])
+    extensions = [str(e).lower() for e in cfg["extensions"]]
+    label_level = str(cfg["label_key"])
     if layout not in ("folders", "flat"):
         raise ConfigError(f"nifti.layout must be folders or flat, not {layout!r}")
     case_regex = None

@@ -80,7 +80,7 @@ def _case_record(
         **ctx.scrub.deep(case.record),
         "warnings": warnings,
     }
-    if setting(c, "output.qa", True):
+    if setting(c, "output.qa"):
         title = f"{name}   patient {pid}   label {label if label != '' else '-'}"
         try:
             render_case(
@@ -88,9 +88,9 @@ def _case_record(
                 title,
                 case.panels,
                 reference=ctx.reference,
-                tile=int(setting(c, "qa.tile_pixels", 192)),
-                percentiles=tuple(setting(c, "qa.percentiles", [1.0, 99.0])),  # type: ignore[arg-type]
-                checker_tiles=int(setting(c, "qa.checker_tiles", 6)),
+                tile=int(setting(c, "qa.tile_pixels")),
+                percentiles=tuple(setting(c, "qa.percentiles")),  # type: ignore[arg-type]
+                checker_tiles=int(setting(c, "qa.checker_tiles")),
             )
             record["qa"] = f"{tree.qa.name}/{name}.png"
         except Exception as exc:  # a QA figure must never cost a prepared case

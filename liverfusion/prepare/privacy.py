@@ -141,7 +141,7 @@ class Pseudonymizer:
 class Scrubber:
     """Replaces known identifying values in free text (reasons, series descriptions) before it is logged."""
 
-    def __init__(self, values: Iterable[str] = (), min_length: int = 3, token: str = "<redacted>"):
+    def __init__(self, values: Iterable[str], min_length: int, token: str = "<redacted>"):
         self.min_length = min_length
         self.token = token
         self.values: set[str] = set()

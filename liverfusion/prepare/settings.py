@@ -25,14 +25,53 @@ EXIT_PRIVACY = 3
 _USAGE = "python -m liverfusion.prepare input=EXPORT out=DATASET kind=..."
 
 
-def setting(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
-    """``cfg[a][b]`` for ``dotted="a.b"``; ``default`` where a part is missing or the value is None."""
+def setting(cfg: Mapping[str, Any], dotted: str) -> Any:
+    """``cfg[a][b]`` for ``dotted="a.b"`` (None stays None). Every key is stated in ``conf/prepare.yaml`` and
+    :func:`check_keys` has refused a config without it, so a missing part is a ConfigError, never a default."""
     node: Any = cfg
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return default
+            raise ConfigError(
+                f"prepare: missing setting {dotted!r}; compose conf/prepare.yaml (its defaults live there)"
+            )
         node = node[part]
-    return default if node is None else node
+    return node
+
+
+def check_keys(cfg: Mapping[str, Any]) -> None:
+    """Every section holds exactly the keys the shipped ``conf/prepare.yaml`` states (a preset or an own config
+    that adds a misspelt key, or drops one, is refused naming it); the rule set (``rules``) has its own schema and ``preset`` only selects a recipe."""
+    _compare(cfg, _reference(), "")
+
+
+def _reference() -> dict[str, Any]:
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "conf" / "prepare.yaml").read_text()
+    ref = yaml.safe_load(text)
+    for key in ("defaults", "hydra"):
+        ref.pop(key, None)
+    return ref
+
+
+def _compare(given: Mapping[str, Any], ref: Mapping[str, Any], where: str) -> None:
+    ignored = {"rules", "preset"} if not where else set()  # groups with their own schema (preset=none: empty)
+    unknown = sorted(set(given) - set(ref) - ignored)
+    missing = sorted(set(ref) - set(given))
+    name = where.rstrip(".") or "prepare"
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {unknown}; known keys: {sorted(ref)}")
+    if missing:
+        raise ConfigError(
+            f"{name}: missing key(s) {missing}; compose conf/prepare.yaml (its defaults live there)"
+        )
+    for key, value in ref.items():
+        if isinstance(value, dict):
+            if not isinstance(given[key], Mapping):
+                raise ConfigError(
+                    f"{where}{key} must be a mapping with keys {sorted(value)}, got {given[key]!r}"
+                )
+            _compare(given[key], value, f"{where}{key}.")
 
 
 def plain_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -51,6 +90,7 @@ def plain_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: dict[str, Any]) -> tuple[Path, Path, Path]:
     """Paths and choices that cannot work fail here, before anything is read or written."""
+    check_keys(cfg)
     for key in ("input", "out"):
         if not cfg.get(key) or str(cfg[key]) == "???":
             raise ConfigError(f"{key}=... is required ({_USAGE})")
@@ -82,12 +122,12 @@ def _check_choices(cfg: dict[str, Any]) -> None:
     kind = cfg.get("kind")
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {KINDS}, not {kind!r}")
-    mode = setting(cfg, "roi.mode", "none")
+    mode = setting(cfg, "roi.mode")
     if mode not in ROI_MODES:
         raise ConfigError(f"roi.mode must be one of {ROI_MODES}, not {mode!r}")
     if kind == "lldmmri" and mode != "none":
         raise ConfigError("kind=lldmmri crops on the Annotation.json boxes: leave roi.mode=none")
-    resample = setting(cfg, "geometry.resample", "reference")
+    resample = setting(cfg, "geometry.resample")
     if resample not in ("reference", "spacing", "none"):
         raise ConfigError(f"geometry.resample must be reference, spacing or none, not {resample!r}")
     if resample == "spacing" and not setting(cfg, "geometry.spacing"):

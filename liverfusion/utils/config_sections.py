@@ -84,6 +84,19 @@ def check_value(
     return value
 
 
+def check_primary(command: str, given: Mapping[str, Any], known: Sequence[str]) -> None:
+    """The top-level keys of a command's primary config (``conf/<command>.yaml`` and the groups it places at the
+    top level): an unknown or a missing key is a ConfigError naming it."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"{command}: unknown key(s) {unknown}", fix=f"known keys: {', '.join(known)}")
+    missing = [k for k in known if k not in given]
+    if missing:
+        raise ConfigError(
+            f"{command}: missing key(s) {missing}; compose conf/{command}.yaml (its defaults live there)"
+        )
+
+
 def merge_sections(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """``new`` over ``base``, one level deep: a section given as a mapping updates the section it replaces."""
     out = dict(base)
